@@ -1,0 +1,296 @@
+"""InstructBLIP: frozen image encoder -> instruction-aware Q-Former -> soft prompt for a frozen LLM.
+
+A plain ``nn.Module`` (no Lightning). ``input_ids`` never contain image placeholder tokens: the
+model puts the projected query vectors in front of the prompt, as LAVIS does. Keyword names follow
+transformers' ``InstructBlipForConditionalGeneration`` so code moves between the two.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ibkit.models.language import LanguageModel
+from ibkit.models.qformer import QFormer, QFormerConfig
+from ibkit.models.vision.base import VisionEncoder
+
+
+@dataclass
+class InstructBLIPOutput:
+    """``loss`` (mean token cross-entropy) and ``logits`` (decoder logits, or text-position logits)."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class InstructBLIP(nn.Module):
+    """The composite model. Components are injected, so YAML can swap any of them."""
+
+    def __init__(
+        self,
+        vision_encoder: VisionEncoder,
+        language_model: LanguageModel,
+        qformer: QFormerConfig | None = None,
+        num_query_tokens: int = 32,
+        ln_vision_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        qformer = qformer or QFormerConfig()
+        self.qformer_config = qformer
+        self.vision_encoder = vision_encoder
+        self.ln_vision = nn.LayerNorm(vision_encoder.width, eps=ln_vision_eps)
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens, qformer.hidden_size))
+        nn.init.normal_(self.query_tokens, std=qformer.initializer_range)
+        self.qformer = QFormer(qformer, encoder_width=vision_encoder.width)
+        self.language_projection = nn.Linear(qformer.hidden_size, language_model.hidden_size)
+        self.language_model = language_model
+
+    # -- bookkeeping ----------------------------------------------------------------------------------
+    @property
+    def num_query_tokens(self) -> int:
+        return self.query_tokens.shape[1]
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.language_model.is_encoder_decoder
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Name -> parameter for everything that trains (Q-Former, queries, projection, ln_vision, LoRA)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        params = self.trainable_parameters().values() if trainable_only else self.parameters()
+        return sum(p.numel() for p in params)
+
+    # -- the visual prompt ----------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image tokens after ``ln_vision``: (B, N, Dv). Frozen encoders run without autograd."""
+        if self.vision_encoder.frozen:
+            with torch.no_grad():
+                feats = self.vision_encoder(pixel_values)
+        else:
+            feats = self.vision_encoder(pixel_values)
+        return self.ln_vision(feats.to(self.ln_vision.weight.dtype))
+
+    def visual_prompt(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected query outputs (B, Q, D_llm); video (B, T, C, H, W) gives (B, T*Q, D_llm).
+
+        ``image_features`` (already through encoder and ``ln_vision``; (B, N, Dv) or (B, T, N, Dv)) skips
+        the encoder, e.g. when read from the frozen-feature cache.
+        """
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("visual_prompt needs pixel_values or image_features")
+            frames = pixel_values.shape[1] if pixel_values.dim() == 5 else 0
+            flat = pixel_values.flatten(0, 1) if frames else pixel_values
+            image_tokens = self.encode_images(flat)
+        else:
+            frames = image_features.shape[1] if image_features.dim() == 4 else 0
+            image_tokens = image_features.flatten(0, 1) if frames else image_features
+            image_tokens = image_tokens.to(self.ln_vision.weight.dtype)
+        if frames and qformer_input_ids is not None:
+            # every frame sees the same instruction
+            qformer_input_ids = qformer_input_ids.repeat_interleave(frames, dim=0)
+            if qformer_attention_mask is not None:
+                qformer_attention_mask = qformer_attention_mask.repeat_interleave(frames, dim=0)
+        if qformer_input_ids is not None and qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        queries = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
+        query_out = self.qformer(queries, image_tokens, qformer_input_ids, qformer_attention_mask)
+        prompt = self.language_projection(query_out)
+        if frames:
+            prompt = prompt.reshape(-1, frames * prompt.shape[1], prompt.shape[-1])
+        return prompt
+
+    # -- training / scoring forward -------------------------------------------------------------------
+    def _llm_inputs(
+        self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text = self.language_model.embed(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = torch.cat((visual.to(text.dtype), text), dim=1)
+        mask = torch.cat((attention_mask.new_ones(visual.shape[:2]), attention_mask), dim=1)
+        return embeds, mask
+
+    def _accepts(self, name: str) -> bool:
+        return name in inspect.signature(self.language_model.base_model.forward).parameters
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> InstructBLIPOutput:
+        visual = self.visual_prompt(pixel_values, qformer_input_ids, qformer_attention_mask, image_features)
+        embeds, mask = self._llm_inputs(visual, input_ids, attention_mask)
+        if self.is_encoder_decoder:
+            out = self.language_model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                labels=labels,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+            )
+            return InstructBLIPOutput(loss=out.loss, logits=out.logits)
+        extra = {}
+        if self._accepts("position_ids"):
+            extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, **extra)
+        num_visual = visual.shape[1]
+        loss = None
+        if labels is not None:
+            full = torch.cat((labels.new_full((labels.shape[0], num_visual), -100), labels), dim=1)
+            loss = F.cross_entropy(
+                out.logits[:, :-1].float().flatten(0, 1), full[:, 1:].flatten(), ignore_index=-100
+            )
+        return InstructBLIPOutput(loss=loss, logits=out.logits[:, num_visual:])
+
+    # -- generation -----------------------------------------------------------------------------------
+    @staticmethod
+    def _pack_left(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move every padding position to the front of its row (keeps the order of real tokens)."""
+        order = torch.sort(mask.long(), dim=1, stable=True).indices
+        packed = torch.gather(embeds, 1, order[..., None].expand_as(embeds))
+        return packed, torch.gather(mask, 1, order)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        **generation_kwargs: Any,
+    ) -> torch.Tensor:
+        """Generated token ids, continuation only (no prompt, no decoder start token)."""
+        visual = self.visual_prompt(pixel_values, qformer_input_ids, qformer_attention_mask, image_features)
+        if input_ids is None:
+            input_ids = torch.zeros(visual.shape[0], 0, dtype=torch.long, device=visual.device)
+        embeds, mask = self._llm_inputs(visual, input_ids, attention_mask)
+        cfg = self.language_model.hf_config
+        generation_kwargs.setdefault("pad_token_id", cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+        if self.is_encoder_decoder:
+            out = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
+            return out[:, 1:]  # drop the decoder start token
+        embeds, mask = self._pack_left(embeds, mask)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
+
+    # -- vocabulary ranking ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_candidates(
+        self,
+        pixel_values: torch.Tensor | None,
+        qformer_input_ids: torch.Tensor | None,
+        qformer_attention_mask: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        candidate_ids: torch.Tensor,
+        candidate_attention_mask: torch.Tensor,
+        chunk_size: int = 128,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sum of log p(candidate tokens | image, prompt) for each candidate: (B, C).
+
+        ``candidate_ids``/``candidate_attention_mask`` are (B, C, L), right-padded; T5 candidates should end
+        with EOS. The image, the Q-Former and the prompt are encoded once per sample (the T5 encoder
+        output or the decoder-only KV cache is shared by all candidates). A row whose mask is all zero
+        scores ``-inf``.
+        """
+        visual = self.visual_prompt(pixel_values, qformer_input_ids, qformer_attention_mask, image_features)
+        embeds, mask = self._llm_inputs(visual, input_ids, attention_mask)
+        batch, num_cands, _ = candidate_ids.shape
+        scores = []
+        if self.is_encoder_decoder:
+            encoder = self.language_model.base_model.get_encoder()
+            enc = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            for start in range(0, num_cands, chunk_size):
+                ids = candidate_ids[:, start : start + chunk_size]
+                cmask = candidate_attention_mask[:, start : start + chunk_size]
+                c = ids.shape[1]
+                labels = ids.flatten(0, 1).masked_fill(cmask.flatten(0, 1) == 0, -100)
+                out = self.language_model(
+                    encoder_outputs=(enc.repeat_interleave(c, 0),),
+                    attention_mask=mask.repeat_interleave(c, 0),
+                    labels=labels,
+                    decoder_attention_mask=cmask.flatten(0, 1),
+                )
+                scores.append(self._sum_logprobs(out.logits, ids.flatten(0, 1), cmask.flatten(0, 1)).view(batch, c))
+        else:
+            embeds, mask = self._pack_left(embeds, mask)
+            extra = {"position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)} if self._accepts("position_ids") else {}
+            prefix = self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **extra)
+            cache_kw = "cache" if self._accepts("cache") else "past_key_values"  # renamed in transformers 5.x
+            prefix_cache = getattr(prefix, "cache", None) or prefix.past_key_values
+            last_logits = prefix.logits[:, -1:]
+            next_pos = mask.long().sum(-1, keepdim=True)
+            for start in range(0, num_cands, chunk_size):
+                ids = candidate_ids[:, start : start + chunk_size]
+                cmask = candidate_attention_mask[:, start : start + chunk_size]
+                c, length = ids.shape[1], ids.shape[2]
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(c)
+                flat_ids, flat_mask = ids.flatten(0, 1), cmask.flatten(0, 1)
+                full_mask = torch.cat((mask.repeat_interleave(c, 0), flat_mask), dim=1)
+                step_extra = {}
+                if extra:
+                    pos = next_pos.repeat_interleave(c, 0) + torch.arange(length, device=ids.device)
+                    step_extra["position_ids"] = pos
+                out = self.language_model(
+                    input_ids=flat_ids, attention_mask=full_mask, use_cache=True, **{cache_kw: cache}, **step_extra
+                )
+                # logits predicting candidate token t come from position t-1 (the prefix's last for t=0)
+                logits = torch.cat((last_logits.repeat_interleave(c, 0), out.logits[:, :-1]), dim=1)
+                scores.append(self._sum_logprobs(logits, flat_ids, flat_mask).view(batch, c))
+        result = torch.cat(scores, dim=1)
+        empty = candidate_attention_mask.sum(-1) == 0
+        return result.masked_fill(empty, float("-inf"))
+
+    @staticmethod
+    def _sum_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.clamp(min=0)[..., None]).squeeze(-1)
+        return (logp * mask).sum(-1)
+
+    # -- text in, text out (notebooks) ----------------------------------------------------------------
+    def generate_text(self, processor: Any, images: Any, prompts: str | list[str], **generation_kwargs: Any) -> list[str]:
+        """Images (PIL or tensors) + prompts -> generated strings, through an ``ibkit.Processor``."""
+        batch = processor(images=images, text=prompts, padding_side="left" if not self.is_encoder_decoder else "right")
+        device = self.query_tokens.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        ids = self.generate(**batch, **generation_kwargs)
+        return [s.strip() for s in processor.llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    # -- persistence ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> InstructBLIP:
+        """Load a transformers InstructBlip(Video) directory (or hub id) or an ibkit-saved directory."""
+        from ibkit.convert.transformers_io import load_pretrained
+
+        return load_pretrained(path, **kwargs)
+
+    def save_pretrained(self, path: str | Path, processor: Any = None, merge_lora: bool = True) -> Path:
+        """Write a directory that transformers' InstructBlipForConditionalGeneration loads as is."""
+        from ibkit.convert.transformers_io import save_pretrained
+
+        return save_pretrained(self, path, processor=processor, merge_lora=merge_lora)

@@ -1,0 +1,1 @@
+"""Image encoders behind one interface (:class:`ibkit.models.vision.base.VisionEncoder`)."""

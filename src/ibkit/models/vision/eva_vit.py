@@ -1,0 +1,178 @@
+"""EVA-CLIP ViT in the LAVIS/transformers layout (the encoder of BLIP-2 and InstructBLIP).
+
+Pre-norm ViT blocks, a q bias and a v bias but no k bias, absolute position embeddings that are
+bicubically interpolated for other image sizes, no final norm (``ln_vision`` lives in the composite
+model because it trains with the Q-Former).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ibkit.models.vision.base import VisionEncoder
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EVAViTConfig:
+    """Shape of an EVA ViT; the defaults are ViT-g/14 with the 40th block dropped (39 blocks)."""
+
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu"
+    qkv_bias: bool = True
+
+
+class EVAAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv weight and separate q/v biases (k has none)."""
+
+    def __init__(self, cfg: EVAViTConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        if cfg.qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
+            self.v_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
+        else:
+            self.register_parameter("q_bias", None)
+            self.register_parameter("v_bias", None)
+        self.projection = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        if self.q_bias is None:
+            return None
+        return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
+        q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.projection(out.transpose(1, 2).reshape(b, n, d))
+
+
+class EVAMLP(nn.Module):
+    def __init__(self, cfg: EVAViTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.approximate = "tanh" if cfg.hidden_act in ("gelu_new", "gelu_pytorch_tanh") else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+class EVABlock(nn.Module):
+    """One pre-norm transformer block; also the FSDP wrapping unit of the encoder."""
+
+    def __init__(self, cfg: EVAViTConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = EVAAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = EVAMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class EVAEmbeddings(nn.Module):
+    def __init__(self, cfg: EVAViTConfig) -> None:
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        num_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        self.position_embedding = nn.Parameter(torch.zeros(1, num_positions, cfg.hidden_size))
+
+    def positions_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Position embeddings for a grid, bicubically interpolated when it differs from training."""
+        pos = self.position_embedding
+        side = int(math.isqrt(pos.shape[1] - 1))
+        if grid_h == side and grid_w == side:
+            return pos
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        return torch.cat((cls_pos, patch_pos), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.to(dtype))
+        grid_h, grid_w = patches.shape[-2:]
+        patches = patches.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(dtype).expand(patches.shape[0], -1, -1)
+        return torch.cat((cls, patches), dim=1) + self.positions_for(grid_h, grid_w).to(dtype)
+
+
+class EVAEncoderStack(nn.Module):
+    def __init__(self, cfg: EVAViTConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EVABlock(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class EVAViT(VisionEncoder):
+    """EVA ViT image encoder. Returns all tokens (CLS + patches) of the last block, before any norm.
+
+    Parameter names follow transformers' ``InstructBlipVisionModel`` (``embeddings.*``,
+    ``encoder.layers.{i}.*``) except that the qkv bias is stored as ``q_bias``/``v_bias``.
+    """
+
+    block_class = EVABlock
+
+    def __init__(
+        self,
+        config: EVAViTConfig | None = None,
+        frozen: bool = True,
+        compute_dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(frozen=frozen, compute_dtype=compute_dtype)
+        self.config = config or EVAViTConfig()
+        self.width = self.config.hidden_size
+        self.image_size = self.config.image_size
+        self.embeddings = EVAEmbeddings(self.config)
+        self.encoder = EVAEncoderStack(self.config)
+        self.gradient_checkpointing = gradient_checkpointing
+        self.reset_parameters()
+        if frozen:
+            self.freeze()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.embeddings.position_embedding, std=0.02)
+        nn.init.trunc_normal_(self.embeddings.class_embedding, std=0.02)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = _DTYPES.get(self.compute_dtype or "")
+        if dtype is not None and pixel_values.device.type != "meta":
+            with torch.autocast(pixel_values.device.type, dtype=dtype):
+                return self._forward(pixel_values).float()
+        return self._forward(pixel_values)
+
+    def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.embeddings(pixel_values)
+        for block in self.encoder.layers:
+            if self.gradient_checkpointing and self.training and hidden.requires_grad:
+                hidden = torch.utils.checkpoint.checkpoint(block, hidden, use_reentrant=False)
+            else:
+                hidden = block(hidden)
+        return hidden

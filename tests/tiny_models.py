@@ -1,0 +1,85 @@
+"""Tiny random InstructBLIP models built and saved by transformers itself (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+NUM_QUERIES = 4
+IMAGE_TOKEN = 98
+VOCAB = 99
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=30, patch_size=6)
+QFORMER = dict(
+    vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    max_position_embeddings=64, cross_attention_frequency=2,
+)
+T5_TEXT = dict(
+    model_type="t5", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+    feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    tie_word_embeddings=False, relative_attention_num_buckets=8, dropout_rate=0.0,
+)
+LLAMA_TEXT = dict(
+    model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+    pad_token_id=0, tie_word_embeddings=False,
+)
+
+
+def build_hf_instructblip(text: dict, seed: int = 0):
+    """A random ``InstructBlipForConditionalGeneration`` with peaky logits (no greedy ties)."""
+    from transformers import AutoConfig, InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(text)
+    text_config = AutoConfig.for_model(text.pop("model_type"), **text)
+    config = InstructBlipConfig(
+        vision_config=VISION, qformer_config=QFORMER, text_config=text_config.to_dict(),
+        num_query_tokens=NUM_QUERIES, image_token_index=IMAGE_TOKEN,
+    )
+    model = InstructBlipForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("self_attn.qkv.bias"):
+                d = p.shape[0] // 3
+                p.normal_(std=0.02)
+                p[d : 2 * d] = 0  # EVA has no k bias
+            elif "query_tokens" in name or "class_embedding" in name or "position_embedding" in name:
+                p.normal_(std=0.5)
+            elif "layernorm" in name.lower() or "layer_norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        head = model.language_model.get_output_embeddings()
+        head.weight.mul_(40.0)
+    return model
+
+
+def save_hf_instructblip(text: dict, directory: Path, seed: int = 0):
+    model = build_hf_instructblip(text, seed)
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_inputs(batch: int = 2, prompt_len: int = 5, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch, 3, VISION["image_size"], VISION["image_size"], generator=g)
+    qformer_input_ids = torch.randint(1, QFORMER["vocab_size"], (batch, 6), generator=g)
+    qformer_attention_mask = torch.ones_like(qformer_input_ids)
+    qformer_attention_mask[0, -2:] = 0
+    input_ids = torch.randint(3, IMAGE_TOKEN, (batch, prompt_len), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    return dict(
+        pixel_values=pixel_values,
+        qformer_input_ids=qformer_input_ids,
+        qformer_attention_mask=qformer_attention_mask,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+    )
+
+
+def with_placeholders(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """transformers' layout: ``num_query_tokens`` image placeholder ids in front of the prompt."""
+    b = input_ids.shape[0]
+    ids = torch.cat((torch.full((b, NUM_QUERIES), IMAGE_TOKEN), input_ids), 1)
+    mask = torch.cat((torch.ones(b, NUM_QUERIES, dtype=attention_mask.dtype), attention_mask), 1)
+    return ids, mask
