@@ -7,21 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.transforms import v2 as T
 
+from ibkit.data.transforms import eval_transform
 from ibkit.models.vision.base import CLIP_MEAN, CLIP_STD
-
-
-def eval_image_transform(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> T.Compose:
-    """BLIP's eval transform: bicubic resize to a square (no crop), [0, 1], normalise."""
-    return T.Compose(
-        [
-            T.ToImage(),
-            T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(mean=list(mean), std=list(std)),
-        ]
-    )
 
 
 class Processor:
@@ -46,7 +34,7 @@ class Processor:
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.max_qformer_length = max_qformer_length
         self.max_prompt_length = max_prompt_length
-        self.image_transform = eval_image_transform(image_size, mean, std)
+        self.image_transform = eval_transform(image_size, mean, std)
 
     def images(self, images: Any) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.dim() in (4, 5):
