@@ -93,6 +93,8 @@ class InstructionDataModule(LightningDataModule):
         mixing: ``sqrt`` (paper), ``proportional`` or ``uniform`` base weights.
         multipliers: per-dataset weight factors over the defaults (A-OKVQA 0.5, OKVQA 2.0).
         eval_splits: split per eval dataset, over the paper's defaults.
+        train_augment / crop_scale: RandomResizedCrop(scale) for training; ``train_augment=False`` trains
+            on the deterministic eval transform (counting/spatial data, the frozen-feature cache).
         strict: raise on the first bad record/file instead of skipping and counting it.
         max_eval_samples: evaluate a seeded random subset of at most this many samples per dataset.
         qformer_tokenizer / llm_tokenizer: tokenizer folders, used when :meth:`setup_tokenizers` was
@@ -118,6 +120,8 @@ class InstructionDataModule(LightningDataModule):
         mean: tuple[float, float, float] = CLIP_MEAN,
         std: tuple[float, float, float] = CLIP_STD,
         horizontal_flip: bool = False,
+        train_augment: bool = True,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
         num_frames: int = 4,
         seed: int = 42,
         strict: bool = False,
@@ -157,6 +161,8 @@ class InstructionDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.horizontal_flip = horizontal_flip
+        self.train_augment = train_augment  # False: training uses the deterministic eval transform
+        self.crop_scale = tuple(crop_scale)
         self.num_frames = num_frames
         self.seed = seed
         self.strict = strict
@@ -237,7 +243,8 @@ class InstructionDataModule(LightningDataModule):
 
     def _setup_train(self) -> None:
         transform = image_transform(
-            True, self.image_size, self.mean, self.std, horizontal_flip=self.horizontal_flip
+            self.train_augment, self.image_size, self.mean, self.std,
+            horizontal_flip=self.horizontal_flip, scale=self.crop_scale,
         )
         parts = []
         for name in self.dataset_names:

@@ -289,6 +289,13 @@ class InstructBLIP(nn.Module):
 
         return load_pretrained(path, **kwargs)
 
+    @classmethod
+    def from_lavis(cls, checkpoint: str | Path, vit_checkpoint: str | Path | None, llm: Any, **kwargs: Any) -> InstructBLIP:
+        """Load the original LAVIS files (see :func:`ibkit.convert.lavis.load_lavis`)."""
+        from ibkit.convert.lavis import load_lavis
+
+        return load_lavis(checkpoint, vit_checkpoint, llm, **kwargs)
+
     def save_pretrained(self, path: str | Path, processor: Any = None, merge_lora: bool = True) -> Path:
         """Write a directory that transformers' InstructBlipForConditionalGeneration loads as is."""
         from ibkit.convert.transformers_io import save_pretrained

@@ -63,7 +63,7 @@ class QFormerAttentionCore(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
-        return out.transpose(1, 2).reshape(*x.shape[:2], -1)
+        return out.transpose(1, 2).reshape(*x.shape[:2], self.num_heads * self.head_dim)  # explicit: 0 queries work
 
 
 class QFormerResidualOutput(nn.Module):
@@ -195,6 +195,20 @@ class QFormer(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return the ``num_queries`` output vectors (B, Q, hidden) of the last layer."""
+        return self.forward_hidden(queries, image_tokens, input_ids, attention_mask)[:, : queries.shape[1]]
+
+    def forward_hidden(
+        self,
+        queries: torch.Tensor,
+        image_tokens: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The whole last-layer sequence [queries ; instruction] (B, Q + L, hidden).
+
+        With zero queries (``queries`` of shape (B, 0, hidden)) the text path is a plain BERT encoder,
+        which is how a BERT initialisation is checked.
+        """
         if not self.config.instruction_aware:
             input_ids, attention_mask = None, None
         hidden = self.embed(queries, input_ids)
@@ -213,4 +227,4 @@ class QFormer(nn.Module):
                 )
             else:
                 hidden = layer(hidden, self_mask, image_tokens, num_queries)
-        return hidden[:, :num_queries]
+        return hidden
