@@ -7,7 +7,6 @@ bias) and ``ln_vision`` (transformers calls it ``vision_model.post_layernorm``).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
@@ -211,14 +210,12 @@ def _tied_names(model: InstructBLIP) -> set[str]:
 def save_pretrained(model: InstructBLIP, path: str | Path, processor: Any = None, merge_lora: bool = True) -> Path:
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    if model.language_model.lora is not None:
+    from ibkit.models.lora import has_lora, merged_copy
+
+    if model.language_model.lora is not None or has_lora(model.qformer):
         if not merge_lora:
             raise ValueError("the transformers layout has no LoRA adapters: save with merge_lora=True")
-        model = copy.copy(model)
-        model._modules = dict(model._modules)
-        merged = copy.deepcopy(model.language_model)
-        merged.merge_lora()
-        model._modules["language_model"] = merged
+        model = merged_copy(model)  # the user's model keeps its adapters
     config = hf_config_dict(model, getattr(model, "image_token_index", None))
     if model.ln_vision.eps != model.vision_encoder.config.layer_norm_eps:
         log.info("ln_vision eps %s differs from the encoder's; transformers uses the encoder's", model.ln_vision.eps)
