@@ -1,0 +1,1 @@
+"""Evaluation: torchmetrics metrics and the per-dataset evaluation protocol."""
