@@ -230,7 +230,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(kind):
         torch.manual_seed(11)  # same dropout masks in both runs (checkpointing replays the RNG state)
         loss = _loss(model, kind)
         loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.trainable_parameters().items()}
+        grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+                 for n, p in model.trainable_parameters().items()}
         results.append((loss.detach(), grads, qformer_calls[0], llm_calls[0]))
     (loss_a, grads_a, q_a, l_a), (loss_b, grads_b, q_b, l_b) = results
     assert (q_a, l_a) == (1, 1) and (q_b, l_b) == (2, 2)  # checkpointed blocks run again in backward

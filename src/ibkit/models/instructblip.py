@@ -88,8 +88,8 @@ class InstructBLIP(nn.Module):
     ) -> torch.Tensor:
         """Projected query outputs (B, Q, D_llm); video (B, T, C, H, W) gives (B, T*Q, D_llm).
 
-        ``image_features`` (already through encoder and ``ln_vision``; (B, N, Dv) or (B, T, N, Dv)) skips
-        the encoder, e.g. when read from the frozen-feature cache.
+        ``image_features`` are the frozen encoder's OUTPUT ((B, N, Dv) or (B, T, N, Dv)), e.g. read from
+        the frozen-feature cache: they skip the encoder but still go through ``ln_vision``, which trains.
         """
         if image_features is None:
             if pixel_values is None:
@@ -98,9 +98,14 @@ class InstructBLIP(nn.Module):
             flat = pixel_values.flatten(0, 1) if frames else pixel_values
             image_tokens = self.encode_images(flat)
         else:
+            if image_features.dim() not in (3, 4) or image_features.shape[-1] != self.ln_vision.normalized_shape[0]:
+                raise ValueError(
+                    f"image_features must be (B, N, {self.ln_vision.normalized_shape[0]}) or (B, T, N, "
+                    f"{self.ln_vision.normalized_shape[0]}) encoder outputs, got {tuple(image_features.shape)}"
+                )
             frames = image_features.shape[1] if image_features.dim() == 4 else 0
-            image_tokens = image_features.flatten(0, 1) if frames else image_features
-            image_tokens = image_tokens.to(self.ln_vision.weight.dtype)
+            flat = image_features.flatten(0, 1) if frames else image_features
+            image_tokens = self.ln_vision(flat.to(self.ln_vision.weight.dtype))
         if frames and qformer_input_ids is not None:
             # every frame sees the same instruction
             qformer_input_ids = qformer_input_ids.repeat_interleave(frames, dim=0)
@@ -150,12 +155,13 @@ class InstructBLIP(nn.Module):
                 labels=labels,
                 decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_attention_mask,
+                use_cache=False,  # a training/scoring pass: a KV cache only costs memory (and breaks recompute)
             )
             return InstructBLIPOutput(loss=out.loss, logits=out.logits)
         extra = {}
         if self._accepts("position_ids"):
             extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, **extra)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **extra)
         num_visual = visual.shape[1]
         loss = None
         if labels is not None:
@@ -235,6 +241,7 @@ class InstructBLIP(nn.Module):
                     attention_mask=mask.repeat_interleave(c, 0),
                     labels=labels,
                     decoder_attention_mask=cmask.flatten(0, 1),
+                    use_cache=False,
                 )
                 scores.append(self._sum_logprobs(out.logits, ids.flatten(0, 1), cmask.flatten(0, 1)).view(batch, c))
         else:

@@ -69,11 +69,11 @@ class LanguageModel(nn.Module):
         if frozen:
             for p in self.model.parameters():
                 p.requires_grad_(False)
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora = None
         if lora is not None:
             self.apply_lora(lora)
+        if gradient_checkpointing:
+            self.enable_activation_checkpointing()
 
     @staticmethod
     def _build(name_or_path: str | None, config: dict[str, Any] | None, dtype: torch.dtype | None) -> nn.Module:
@@ -134,6 +134,29 @@ class LanguageModel(nn.Module):
         """Transformer block classes (from transformers' ``_no_split_modules``) for FSDP wrapping."""
         names = set(getattr(self.base_model, "_no_split_modules", None) or [])
         return {type(m) for m in self.base_model.modules() if type(m).__name__ in names}
+
+    def enable_activation_checkpointing(self) -> int:
+        """Recompute every transformer block's activations in backward; returns how many were wrapped.
+
+        transformers' own switch only acts in training mode, but a frozen LLM stays in eval mode while
+        the soft prompt's gradient flows through it, so the blocks are wrapped here instead.
+        """
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointImpl,
+            apply_activation_checkpointing,
+            checkpoint_wrapper,
+        )
+
+        classes = tuple(self.block_classes)
+        if not classes:
+            return 0
+        count = sum(1 for m in self.model.modules() if isinstance(m, classes))
+        apply_activation_checkpointing(
+            self.model,
+            checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            check_fn=lambda m: isinstance(m, classes),
+        )
+        return count
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.base_model.get_input_embeddings()(input_ids)

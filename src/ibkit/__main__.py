@@ -1,0 +1,8 @@
+"""``python -m ibkit``: the same as the ``ibkit`` command."""
+
+import sys
+
+from ibkit.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

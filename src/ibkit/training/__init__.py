@@ -1,0 +1,6 @@
+"""Lightning side of ibkit: the training module, optimizer/schedule, FSDP plan, checkpoints, export."""
+
+from ibkit.training.module import InstructBLIPModule
+from ibkit.training.optim import OptimSettings, WarmupCosineSchedule, warmup_cosine_lr
+
+__all__ = ["InstructBLIPModule", "OptimSettings", "WarmupCosineSchedule", "warmup_cosine_lr"]

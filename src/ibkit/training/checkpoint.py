@@ -1,0 +1,170 @@
+"""Checkpoints that keep only what cannot be recomputed, written atomically.
+
+The frozen image encoder and LLM come back from their pretrained files on every run, so a training
+checkpoint stores the trainable weights (Q-Former, queries, projection, ``ln_vision``, LoRA), the
+optimizer and scheduler state, the loops, callbacks and the datamodule's stream position. Loading is
+strict: the checkpoint must hold exactly the trainable keys of the model it is loaded into.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
+
+# Wrappers (FSDP, activation checkpointing, torch.compile) insert these into parameter names; the
+# state_dict hooks of FSDP/checkpoint_wrapper strip them, so names are compared without them.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+CHECKPOINT_FORMAT = 1
+
+
+def clean_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def persistent_keys(module: nn.Module, prefix: str = "") -> set[str]:
+    """State-dict keys worth saving: trainable parameters, and persistent buffers of modules whose own
+    parameters all train (a frozen tower's buffers come back with its pretrained weights)."""
+    keys: set[str] = set()
+    for module_name, sub in module.named_modules(remove_duplicate=False):
+        base = f"{prefix}{module_name}." if module_name else prefix
+        own = [p for p in sub._parameters.values() if p is not None]
+        for name, param in sub._parameters.items():
+            if param is not None and param.requires_grad:
+                keys.add(clean_name(base + name))
+        if own and all(p.requires_grad for p in own):
+            for name, buf in sub._buffers.items():
+                if buf is not None and name not in sub._non_persistent_buffers_set:
+                    keys.add(clean_name(base + name))
+    return keys
+
+
+def filter_state_dict(state_dict: dict[str, Any], keep: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in state_dict.items() if clean_name(k) in keep}
+
+
+def check_keys(found: set[str], expected: set[str], where: str) -> None:
+    """Strict loading: the checkpoint's weight names must be exactly the model's trainable ones."""
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: the checkpoint's trainable weights do not match this model "
+            f"(missing {len(missing)}: {missing[:8]}; unexpected {len(unexpected)}: {unexpected[:8]}). "
+            "Was it trained with another configuration (Q-Former kind, LoRA, frozen parts)?"
+        )
+
+
+def _is_local(path: str | Path) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash mid-write leaves the previous checkpoint intact: ``last.ckpt`` is never half written.
+    """
+    path = Path(str(path).removeprefix("file://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        try:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+        except OSError:  # some filesystems do not open directories
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO: atomic local writes; reads with ``weights_only=True`` by default."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint written by ibkit (plain tensors and numbers: ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - report which file failed and why
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from error
+
+
+def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
+    """A checkpoint file, or a folder of them: its best checkpoint (recorded by ModelCheckpoint in
+    ``last.ckpt``) when ``prefer='best'``, else ``last.ckpt``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+    last = path / "last.ckpt"
+    if prefer == "best" and last.is_file():
+        state = load_checkpoint_file(last)
+        for value in (state.get("callbacks") or {}).values():
+            # ModelCheckpoint (and subclasses such as RunCheckpoint) record the best file in their state
+            if isinstance(value, dict) and value.get("best_model_path") and value.get("monitor"):
+                best = Path(value["best_model_path"])
+                candidates = [best, path / best.name]
+                for candidate in candidates:
+                    if candidate.is_file():
+                        return candidate
+    if last.is_file():
+        return last
+    files = sorted(path.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"{path}: folder holds no *.ckpt files")
+    return files[-1]
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose default folder is ``<trainer.default_root_dir>/checkpoints``.
+
+    Lightning's default puts checkpoints under the logger's ``version_N`` folder, which changes on
+    every run, so ``--ckpt_path last`` would not find the previous run's ``last.ckpt``. With a fixed
+    folder a stopped run resumes from where it stopped.
+    """
+
+    def _default_dir(self, trainer: Any) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._default_dir(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer: Any) -> set[str]:
+        self._default_dir(trainer)
+        return super()._find_last_checkpoints(trainer)

@@ -1,0 +1,178 @@
+"""The tiny CPU preset's workspace: synthetic shapes data plus word-level tokenizers, made on demand.
+
+``configs/tiny/`` trains a random tiny InstructBLIP on the built-in shapes datasets in seconds on a
+CPU. Nothing is downloaded: the data is rendered from a seed and both tokenizers are word-level
+vocabularies built from the generated annotations and the instruction templates, so every word
+the model sees has an id. :class:`TinyShapesDataModule` prepares all of it in ``prepare_data``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ibkit.data.datamodule import InstructionDataModule
+
+TINY_VOCAB_SIZE = 1024  # the tiny LLM/Q-Former configs use this vocabulary size
+LLM_SPECIALS = ("<pad>", "</s>", "<unk>", "<s>")  # T5-like: pad 0, eos 1
+QFORMER_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # BERT-like: pad 0
+WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
+TINY_TRAIN = ["shapes_caption", "shapes_vqa", "shapes_ocrvqa", "shapes_mcvqa"]
+TINY_EVAL = ["shapes_vsr", "shapes_nocaps"]
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def corpus_words(texts: Iterable[str]) -> Counter:
+    words: Counter = Counter()
+    for text in texts:
+        words.update(WORD_PATTERN.findall(text.lower()))
+    return words
+
+
+def _template_texts() -> list[str]:
+    from ibkit.data.templates import TEMPLATES
+
+    return [t for templates in TEMPLATES.values() for t in templates]
+
+
+def _annotation_texts(data_root: Path) -> list[str]:
+    texts: list[str] = []
+    for file in sorted((data_root / "shapes").glob("*/*.json")):
+        if file.name == "manifest.json":
+            continue
+        try:
+            texts.extend(_strings(json.loads(file.read_text())))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{file}: not valid JSON ({error})") from error
+    return texts
+
+
+def build_vocabulary(texts: Iterable[str], size: int, specials: Iterable[str]) -> dict[str, int]:
+    """Specials first, then the most frequent words (ties by spelling) up to ``size`` entries."""
+    specials = list(specials)
+    counts = corpus_words(texts)
+    words = sorted((w for w in counts if w not in specials), key=lambda w: (-counts[w], w))
+    vocab = specials + words[: size - len(specials)]
+    return {word: index for index, word in enumerate(vocab)}
+
+
+def word_level_tokenizer(vocab: dict[str, int], kind: str) -> Any:
+    """A lower-casing word-level ``PreTrainedTokenizerFast``: ``kind='t5'`` appends ``</s>``,
+    ``kind='bert'`` wraps in ``[CLS] ... [SEP]``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "t5":
+        pad, unk, extra = "<pad>", "<unk>", {"eos_token": "</s>", "bos_token": "<s>"}
+        post = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    elif kind == "bert":
+        pad, unk, extra = "[PAD]", "[UNK]", {"cls_token": "[CLS]", "sep_token": "[SEP]"}
+        post = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+        )
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; use 't5' or 'bert'")
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = post
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, tidies " ." -> "."
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, unk_token=unk, **extra)
+
+
+def write_tiny_tokenizers(data_root: Path, out_dir: Path, size: int = TINY_VOCAB_SIZE) -> dict[str, Path]:
+    """Save ``llm/`` (T5-like) and ``qformer/`` (BERT-like) tokenizers built from the data under ``data_root``."""
+    texts = _template_texts() + _annotation_texts(Path(data_root))
+    paths = {}
+    for name, kind, specials in (("llm", "t5", LLM_SPECIALS), ("qformer", "bert", QFORMER_SPECIALS)):
+        tokenizer = word_level_tokenizer(build_vocabulary(texts, size, specials), kind)
+        target = Path(out_dir) / name
+        tokenizer.save_pretrained(target)
+        paths[name] = target
+    return paths
+
+
+def prepare_tiny_workspace(root: str | Path, seed: int = 0, image_size: int = 64,
+                           sizes: dict[str, int] | None = None) -> dict[str, Path]:
+    """Shapes data under ``root/shapes`` and tokenizers under ``root/tokenizers`` (idempotent)."""
+    from ibkit.data.shapes import TINY_SIZES, make_shapes
+
+    root = Path(root)
+    make_shapes(root, seed=seed, sizes=dict(sizes or TINY_SIZES), image_size=image_size, progress=False)
+    tokenizers = root / "tokenizers"
+    stamp = tokenizers / "ibkit_tiny.json"
+    wanted = {"seed": seed, "image_size": image_size, "sizes": sizes or TINY_SIZES}
+    if not stamp.exists() or json.loads(stamp.read_text()) != json.loads(json.dumps(wanted)):
+        write_tiny_tokenizers(root, tokenizers)
+        stamp.write_text(json.dumps(wanted))
+    return {"data_root": root, "llm": tokenizers / "llm", "qformer": tokenizers / "qformer"}
+
+
+class TinyShapesDataModule(InstructionDataModule):
+    """:class:`InstructionDataModule` over a self-made tiny shapes workspace (see module docstring).
+
+    ``prepare_data`` (local rank 0) renders the data (``render_size`` pixels; the loader resizes to the
+    model's ``image_size``) and writes the tokenizers under ``root``.
+    """
+
+    def __init__(
+        self,
+        root: str = "outputs/tiny",
+        data_seed: int = 0,
+        render_size: int = 64,
+        image_size: int = 32,
+        sizes: dict[str, int] | None = None,
+        datasets: list[str] | None = None,
+        eval_datasets: list[str] | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        max_eval_samples: int | None = None,
+        is_encoder_decoder: bool = True,
+        max_qformer_len: int = 48,
+        max_prompt_len: int = 48,
+        max_target_len: int = 24,
+        mixing: str = "sqrt",
+    ) -> None:
+        root_path = Path(root)
+        super().__init__(
+            datasets=list(TINY_TRAIN if datasets is None else datasets),
+            eval_datasets=list(TINY_EVAL if eval_datasets is None else eval_datasets),
+            data_root=str(root_path),
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            image_size=image_size,
+            seed=seed,
+            max_eval_samples=max_eval_samples,
+            qformer_tokenizer=str(root_path / "tokenizers" / "qformer"),
+            llm_tokenizer=str(root_path / "tokenizers" / "llm"),
+            is_encoder_decoder=is_encoder_decoder,
+            max_qformer_len=max_qformer_len,
+            max_prompt_len=max_prompt_len,
+            max_target_len=max_target_len,
+            mixing=mixing,
+            pin_memory=False,
+        )
+        self.root = root_path
+        self.data_seed = data_seed
+        self.render_size = render_size
+        self.sizes = dict(sizes) if sizes else None
+
+    def prepare_data(self) -> None:
+        prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes)

@@ -1,0 +1,107 @@
+"""The `ibkit` command: LightningCLI subcommands next to argparse tools, and export to transformers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch  # noqa: F401 - imported outside capsys: its log handler must not bind a captured stream
+import pytest
+import torch
+
+from ibkit.cli import TOOLS, main, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny" / "fit.yaml"
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "predict", *TOOLS):
+        assert f"  {name} " in text
+
+
+def test_unknown_command_is_an_error(capsys):
+    assert main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_fit_help_is_lightning_cli(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--config" in text and "--print_config" in text and "--ckpt_path" in text and "--model.optim" in text
+
+
+def test_print_config_and_dotted_overrides(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(TINY), "--model.optim.lr=0.25", "--trainer.max_steps=7", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "lr: 0.25" in printed and "max_steps: 7" in printed
+    dumped = tmp_path / "printed.yaml"
+    dumped.write_text(printed)
+    _, config = parse_config(["fit", "--config", str(dumped)])
+    assert config.model.optim.lr == 0.25 and config.trainer.max_steps == 7
+    assert config.model.model.init_args.num_query_tokens == 4
+
+
+def test_data_subcommand_delegates_to_the_catalog(capsys):
+    assert main(["data", "list", "--suite", "shapes"]) == 0
+    out = capsys.readouterr().out
+    assert "shapes_caption" in out and "shapes_vsr" in out
+
+
+def test_convert_needs_a_source(capsys):
+    assert main(["convert"]) == 2
+    assert main(["convert", "caffe"]) == 2
+    assert "unknown source 'caffe'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "lavis", "--help"])
+    assert exit_info.value.code == 0
+
+
+def test_python_dash_m_ibkit_runs(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    done = subprocess.run([sys.executable, "-m", "ibkit", "--help"], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and "ibkit COMMAND" in done.stdout
+
+
+def test_export_writes_a_transformers_folder(tmp_path):
+    """fit -> best checkpoint -> `ibkit export` -> transformers loads it, with the trained weights."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    from ibkit import InstructBLIP
+    from ibkit.training.tiny import prepare_tiny_workspace
+
+    workspace, run, out = tmp_path / "ws", tmp_path / "run", tmp_path / "exported"
+    prepare_tiny_workspace(workspace)
+    config = [
+        "--config", str(TINY), f"--data.init_args.root={workspace}", f"--trainer.default_root_dir={run}",
+        f"--trainer.logger.init_args.save_dir={run}", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+        "--model.val_protocol=false",
+    ]
+    assert main(["fit", *config]) == 0
+    # a folder resolves to the best checkpoint recorded by ModelCheckpoint
+    assert main(["export", *config, f"--ckpt_path={run / 'checkpoints'}", f"--output={out}"]) == 0
+    best = sorted((run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1
+    trained = torch.load(best[0], map_location="cpu", weights_only=True)["state_dict"]
+
+    ours = InstructBLIP.from_pretrained(out)
+    for key, value in trained.items():
+        assert torch.equal(ours.state_dict()[key.removeprefix("model.")], value), key
+    hf, info = InstructBlipForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(hf.query_tokens, trained["model.query_tokens"])
+    assert (out / "qformer_tokenizer").is_dir() and (out / "preprocessor_config.json").is_file()
+
+    # a checkpoint of another configuration is refused, naming the weight
+    with pytest.raises(ValueError, match="query_tokens: \\(1, 4, 32\\) in the checkpoint"):
+        main(["export", *config, "--model.model.init_args.num_query_tokens=8", f"--ckpt_path={best[0]}",
+              f"--output={tmp_path / 'other'}"])
