@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import IMAGE_TOKEN, LLAMA_TEXT, NUM_QUERIES, T5_TEXT, hf_inputs, save_hf_instructblip, with_placeholders
+from tiny_models import (
+    IMAGE_TOKEN,
+    LLAMA_TEXT,
+    NUM_QUERIES,
+    T5_TEXT,
+    hf_inputs,
+    save_hf_instructblip,
+    with_placeholders,
+)
 
 from ibkit import InstructBLIP
 
