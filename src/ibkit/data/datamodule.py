@@ -97,6 +97,8 @@ class InstructionDataModule(LightningDataModule):
             on the deterministic eval transform (counting/spatial data, the frozen-feature cache).
         strict: raise on the first bad record/file instead of skipping and counting it.
         max_eval_samples: evaluate a seeded random subset of at most this many samples per dataset.
+        skip_missing_eval: drop (with a warning) eval datasets whose annotation files are not under the
+            data root, instead of failing: "evaluate every held-out dataset present".
         qformer_tokenizer / llm_tokenizer: tokenizer folders, used when :meth:`setup_tokenizers` was
             not called (``llm_tokenizer`` alone also finds an InstructBlipProcessor's ``qformer_tokenizer/``).
         is_encoder_decoder: the LLM kind; read from the LLM folder's config.json when left ``None``.
@@ -126,6 +128,7 @@ class InstructionDataModule(LightningDataModule):
         seed: int = 42,
         strict: bool = False,
         max_eval_samples: int | None = None,
+        skip_missing_eval: bool = False,
         qformer_tokenizer: str | None = None,
         llm_tokenizer: str | None = None,
         is_encoder_decoder: bool | None = None,
@@ -167,6 +170,7 @@ class InstructionDataModule(LightningDataModule):
         self.seed = seed
         self.strict = strict
         self.max_eval_samples = max_eval_samples
+        self.skip_missing_eval = skip_missing_eval
         self.qformer_tokenizer_path, self.llm_tokenizer_path = qformer_tokenizer, llm_tokenizer
         self.is_encoder_decoder = is_encoder_decoder
         self.max_lengths = dict(
@@ -284,9 +288,17 @@ class InstructionDataModule(LightningDataModule):
     def _setup_eval(self) -> None:
         transform = image_transform(False, self.image_size, self.mean, self.std)
         self.eval_datasets = []
+        present = []
         for name in self.eval_dataset_names:
             spec = get_spec(name)
-            samples = self._load(name, eval_split_for(spec, self.eval_splits))
+            try:
+                samples = self._load(name, eval_split_for(spec, self.eval_splits))
+            except FileNotFoundError as error:
+                if not self.skip_missing_eval:
+                    raise
+                log.warning("skipping %s: %s", name, error)
+                continue
+            present.append(name)
             if self.max_eval_samples is not None and len(samples) > self.max_eval_samples:
                 keep = sorted(
                     random.Random(f"{self.seed}:{name}").sample(range(len(samples)), self.max_eval_samples)
@@ -297,6 +309,7 @@ class InstructionDataModule(LightningDataModule):
                     samples, transform, name=name, spec=spec, num_frames=self.num_frames, strict=self.strict
                 )
             )
+        self.eval_dataset_names = present  # dataloader i is eval_dataset_names[i]
 
     # ------------------------------------------------------------------------------------ distribution
     def _rank_world(self) -> tuple[int, int]:

@@ -145,11 +145,17 @@ class DatasetEvaluator:
         if self.spec.eval_mode == "generate":
             self.metric.update([r["prediction"] for r in records], [r["answers"] for r in records])
             return
-        labels = torch.tensor([r["label"] for r in records], device=device)
         if name == "accuracy":
+            # an answer outside the candidate list (open-ended video QA vocabularies) can never be right
+            labels = torch.tensor([-1 if r["label"] is None else r["label"] for r in records], device=device)
             preds = torch.tensor([r["prediction_index"] for r in records], device=device)
             self.metric.update(preds, labels)
-        elif name == "auc":
+            return
+        missing = [r["sample_id"] for r in records if r["label"] is None]
+        if missing:
+            raise ValueError(f"{self.spec.name}: samples {missing[:5]} have no ground-truth label for {name}")
+        labels = torch.tensor([r["label"] for r in records], device=device)
+        if name == "auc":
             probs, targets = [], []
             for r in records:
                 lowered = [c.lower() for c in r["candidates"]]
@@ -177,7 +183,8 @@ class EvaluationRun:
 
     def __init__(self, dataset_names: list[str]) -> None:
         self.specs = {name: get_spec(name) for name in dataset_names}
-        self.evaluators = {name: DatasetEvaluator(spec) for name, spec in self.specs.items()}
+        # datasets without a metric (VQG, LLaVA) still get prediction records
+        self.evaluators = {name: DatasetEvaluator(spec) for name, spec in self.specs.items() if spec.metric != "none"}
         self.records: dict[str, list[dict[str, Any]]] = defaultdict(list)
 
     def to(self, device: torch.device) -> EvaluationRun:
@@ -187,20 +194,19 @@ class EvaluationRun:
 
     def step(self, model: Any, batch: dict[str, Any], dataset: str, llm_tokenizer: Any, **overrides: Any) -> list[dict]:
         records = predict_batch(model, batch, self.specs[dataset], llm_tokenizer, overrides or None)
-        self.evaluators[dataset].update(records)
+        if dataset in self.evaluators:
+            self.evaluators[dataset].update(records)
         self.records[dataset].extend(records)
         return records
 
     def compute(self) -> dict[str, dict[str, float]]:
-        out = {}
-        for name, ev in self.evaluators.items():
-            if self.records.get(name) or _synced(ev):
-                out[name] = {self.specs[name].metric: ev.compute()}
-        return out
-
-
-def _synced(evaluator: DatasetEvaluator) -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+        """dataset -> {metric: value} for datasets with predictions (under DDP: on any rank; all ranks call)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return {
+            name: {self.specs[name].metric: ev.compute()}
+            for name, ev in self.evaluators.items()
+            if distributed or self.records.get(name)
+        }
 
 
 def results_markdown(

@@ -180,6 +180,11 @@ class QFormer(nn.Module):
         if input_ids is not None and input_ids.shape[1] > 0:
             if not self.config.instruction_aware:
                 raise ValueError("this Q-Former is in BLIP-2 mode (instruction_aware=False): it takes no text")
+            if input_ids.shape[1] > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"instruction of {input_ids.shape[1]} tokens exceeds the Q-Former's {self.config.max_position_embeddings} "
+                    "positions: truncate it (the collator's max_qformer_len)"
+                )
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             text = emb.word_embeddings(input_ids) + emb.position_embeddings(positions)
             hidden = torch.cat((queries.to(text.dtype), text), dim=1)

@@ -187,6 +187,10 @@ class InstructBLIPModule(LightningModule):
         val_protocol: also run the per-dataset zero-shot protocol (generate/rank + metric) in validation;
             the token-weighted LM loss on held-out batches is always computed.
         generation_overrides: generation settings over each dataset's (e.g. ``{max_new_tokens: 10}``).
+        results_dir: where ``ibkit test`` writes ``predictions/<dataset>.jsonl``, ``results.json`` and
+            ``results.md`` (default: ``<trainer.default_root_dir>/results``).
+        paper_model: the paper's Table 1 row that ``results.md`` sets beside ours (e.g.
+            ``InstructBLIP FlanT5-XL``); None: no paper column.
         reseed_every_step: seed the random generators (dropout) from (run seed, step, rank) before every
             training batch, so a resumed run draws exactly what the uninterrupted run would have drawn
             (Lightning does not checkpoint RNG states, and loaders/validation consume random numbers).
@@ -205,6 +209,8 @@ class InstructBLIPModule(LightningModule):
         optim: OptimSettings | None = None,
         checkpoint_llm_blocks: bool = False,
         val_protocol: bool = True,
+        results_dir: str | None = None,
+        paper_model: str | None = None,
         generation_overrides: dict[str, Any] | None = None,
         reseed_every_step: bool = True,
     ) -> None:
@@ -225,6 +231,8 @@ class InstructBLIPModule(LightningModule):
         self.optim = optim or OptimSettings()
         self.checkpoint_llm_blocks = checkpoint_llm_blocks
         self.val_protocol = val_protocol
+        self.results_dir = results_dir
+        self.paper_model = paper_model
         self.generation_overrides = dict(generation_overrides or {})
         self.reseed_every_step = reseed_every_step
         self._base_seed: int | None = None
@@ -478,9 +486,10 @@ class InstructBLIPModule(LightningModule):
                 results[f"{prefix}/{name}/loss"] = float(metric.compute())
         if state["total"].update_count or torch.distributed.is_initialized():
             results[f"{prefix}/loss"] = float(state["total"].compute())
+        computed = state["run"].compute() if state["run"] is not None else {}
         if state["run"] is not None:
             scores = []
-            for name, metrics in state["run"].compute().items():
+            for name, metrics in computed.items():
                 for metric, value in metrics.items():
                     results[f"{prefix}/{name}/{metric}"] = float(value)
                     if metric != "none":
@@ -489,7 +498,26 @@ class InstructBLIPModule(LightningModule):
                 results[f"{prefix}/score"] = sum(scores) / len(scores)
         for key, value in results.items():
             self.log(key, value, rank_zero_only=False, sync_dist=False, add_dataloader_idx=False)
+        if prefix == "test" and state["run"] is not None:
+            self._write_test_results(state["run"].records, computed)
         return results
+
+    def _write_test_results(self, records: dict[str, list[dict[str, Any]]], metrics: dict[str, dict[str, float]]) -> None:
+        """Gather every rank's prediction records; rank 0 writes the three result files."""
+        from ibkit.eval.protocol import write_results
+
+        records = dict(records)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = {}
+            for part in gathered:
+                for name, recs in part.items():
+                    records.setdefault(name, []).extend(recs)
+        if self.global_rank == 0:
+            out = Path(self.results_dir or Path(self.trainer.default_root_dir) / "results")
+            write_results(out, metrics, records, paper_model=self.paper_model)
+            log.info("wrote %s", out / "results.md")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
