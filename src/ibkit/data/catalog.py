@@ -138,6 +138,10 @@ def format_check(results: list[DatasetCheck]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``ibkit data list [--suite S]`` / ``ibkit data check --root DIR [--dataset NAME ...]``."""
+    if argv and argv[0] == "cache-features":  # precompute frozen-encoder features (ibkit.data.feature_cache)
+        from ibkit.data.feature_cache import main as cache_main
+
+        return int(cache_main(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog="ibkit data", description="List datasets or check a data root.")
     commands = parser.add_subparsers(dest="command", required=True)
     list_parser = commands.add_parser("list", help="table of the registered datasets")

@@ -1,0 +1,199 @@
+"""ibkit's precision policy and optional compilation: the fast paths that keep results within tolerance.
+
+The policy (what ``ibkit bench`` measures as "ibkit"):
+
+* trainable parts (Q-Former, queries, projection, ``ln_vision``, LoRA) keep fp32 master weights;
+  on hardware with fast bf16 the training forward runs under bf16 autocast (as Lightning's
+  ``bf16-mixed``); inference (generation, ranking) runs the stored precisions without autocast: the
+  frozen parts are bf16 already and the fp32 bridge is small (autocast would add per-op overhead to
+  every decoding step);
+* the frozen encoder is stored and run in bf16 with fp32 LayerNorms (LAVIS runs it in half precision),
+  without autograd; the frozen LLM is stored in bf16 (LAVIS runs FlanT5 in bf16) where bf16 is fast;
+* on CPU, the EVA ViT's attention is computed explicitly (matmul, softmax, matmul): for its
+  257-token sequences PyTorch's CPU flash-attention kernel is about 2.5x slower than that (measured
+  in bf16: 2.4 ms vs 0.9 ms per layer at width 176, batch 8), with the same bf16 error; GPUs keep
+  SDPA;
+* on CPU, T5's attention runs the eager kernel in training: its additive position bias sends SDPA to
+  a masked CPU kernel whose backward is slow for prompt-length sequences; inference keeps SDPA, one
+  fused call per attention, which wins while decoding (:meth:`PrecisionPolicy.set_mode` switches;
+  both kernels agree within 1e-4 in fp32);
+* hardware without fast bf16 keeps everything in fp32: the policy never slows a machine down.
+
+"Fast bf16" is measured, not assumed: :func:`matmul_peak` times square matmuls in both precisions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ibkit.models.language import resolve_dtype
+from ibkit.models.vision.eva_vit import EVAAttention
+
+HALF_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
+# bf16 counts as "fast" when a bf16 matmul beats fp32 by this factor
+FAST_BF16_FACTOR = 1.5
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(
+    dtype: torch.dtype, device: torch.device | str = "cpu", size: int | None = None, repeats: int = 5
+) -> float:
+    """Best achieved TFLOP/s of a square ``size`` x ``size`` matmul in ``dtype`` (the machine's practical peak)."""
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+@dataclass
+class PrecisionPolicy:
+    """Which precision and kernels each part of InstructBLIP runs with (``None``: fp32 / unchanged).
+
+    ``frozen_dtype``: storage/compute of the frozen encoder and the frozen LLM; ``autocast_dtype``: the
+    autocast precision of the training forward (trainable parts keep fp32 weights); ``llm_attention``
+    and ``llm_inference_attention``: the transformers attention implementation of the LLM in training
+    and in inference (``None`` keeps the model's); ``vision_attention``: ``"explicit"`` computes the EVA
+    ViT's attention with plain matmuls instead of SDPA (:func:`use_explicit_attention`).
+    """
+
+    frozen_dtype: str | None = "bf16"
+    autocast_dtype: str | None = "bf16"
+    llm_attention: str | None = None
+    llm_inference_attention: str | None = None
+    vision_attention: str | None = None
+
+    def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+        """The training forward's autocast context (a no-op when the policy computes in fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=resolve_dtype(self.autocast_dtype))
+
+    def set_mode(self, model: nn.Module, training: bool) -> None:
+        """Select the LLM attention kernel for training or inference (cheap; a no-op when unchanged)."""
+        wanted = self.llm_attention if training else self.llm_inference_attention
+        base = model.language_model.base_model
+        if wanted is not None and base.config._attn_implementation != wanted:
+            base.set_attn_implementation(wanted)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fast_bf16(device: torch.device | str, peaks: dict[str, float] | None = None) -> bool:
+    """Whether bf16 pays on ``device``: measured matmul peaks (``{"fp32": ..., "bf16": ...}``) when given."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return False
+    if peaks is None:
+        peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+    return peaks["bf16"] >= FAST_BF16_FACTOR * peaks["fp32"]
+
+
+def default_policy(
+    device: torch.device | str, peaks: dict[str, float] | None = None, encoder_decoder: bool = True
+) -> PrecisionPolicy:
+    """ibkit's default policy for ``device`` (see the module docstring)."""
+    device = torch.device(device)
+    cpu_t5 = device.type == "cpu" and encoder_decoder
+    attention: dict[str, str] = dict(llm_attention="eager", llm_inference_attention="sdpa") if cpu_t5 else {}
+    if device.type == "cpu":
+        attention["vision_attention"] = "explicit"
+    if not fast_bf16(device, peaks):
+        return PrecisionPolicy(frozen_dtype=None, autocast_dtype=None, **attention)
+    return PrecisionPolicy(frozen_dtype="bf16", autocast_dtype="bf16", **attention)
+
+
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
+    """Store a frozen module's weights in ``dtype``, keeping normalisation layers in fp32."""
+    for child in module.modules():
+        keep = isinstance(child, NORM_TYPES)
+        for name, param in child.named_parameters(recurse=False):
+            if param.requires_grad:
+                raise ValueError(f"{type(child).__name__}.{name} trains: only frozen weights may be stored in {dtype}")
+            param.data = param.data.to(torch.float32 if keep else dtype)
+        for name, buffer in child.named_buffers(recurse=False):
+            if buffer.is_floating_point() and not keep:
+                setattr(child, name, buffer.to(dtype))
+
+
+def apply_precision_policy(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
+    """Apply ``policy`` to an :class:`ibkit.InstructBLIP` in place; trainable weights stay fp32."""
+    frozen = resolve_dtype(policy.frozen_dtype)
+    encoder = model.vision_encoder
+    if frozen is not None and getattr(encoder, "frozen", False):
+        cast_frozen(encoder, frozen)
+        encoder.compute_dtype = HALF_DTYPE_NAMES.get(frozen)
+    lm = model.language_model
+    if frozen is not None and lm.frozen and lm.lora is None:
+        lm.base_model.to(frozen)
+    if policy.vision_attention == "explicit":
+        use_explicit_attention(encoder)
+    policy.set_mode(model, training=False)  # a model at rest is ready for inference
+    return model
+
+
+class ExplicitEVAAttention(EVAAttention):
+    """EVA attention as matmul, softmax, matmul (same parameters and names; results within rounding).
+
+    Scores and probabilities stay in the compute dtype (PyTorch's CPU softmax accumulates in fp32), so
+    the transient memory is two (B, heads, N, N) tensors of that dtype and the bf16 error matches SDPA's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
+        q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1))
+        out = torch.matmul(scores.softmax(-1), v)
+        return self.projection(out.transpose(1, 2).reshape(b, n, d))
+
+
+def use_explicit_attention(encoder: nn.Module) -> int:
+    """Switch every EVA attention layer of ``encoder`` to :class:`ExplicitEVAAttention`; returns how many.
+
+    The layers keep their parameters (and state-dict names); only the kernel changes.
+    """
+    count = 0
+    for module in encoder.modules():
+        if type(module) is EVAAttention:
+            module.__class__ = ExplicitEVAAttention
+            count += 1
+    return count
+
+
+def compile_model(
+    model: nn.Module, parts: Iterable[str] = ("vision_encoder", "qformer"), **compile_kwargs
+) -> nn.Module:
+    """``torch.compile`` the named submodules in place (``nn.Module.compile``: parameter names unchanged).
+
+    Off by default: compiling takes tens of seconds and, measured on CPU, buys nothing for the ViT
+    (its time is in bf16 matmuls already near the peak). ``compile_kwargs`` go to ``torch.compile``;
+    a new instruction length recompiles once with dynamic shapes (torch's automatic dynamic).
+    """
+    for name in parts:
+        module = model.get_submodule(name)
+        module.compile(**compile_kwargs)
+    return model
+
