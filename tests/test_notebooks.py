@@ -1,0 +1,276 @@
+"""Every notebook in notebooks/ runs top to bottom in a fresh kernel; ibkit.plotting draws the demo figure."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import nbclient
+import nbformat
+import pytest
+
+from ibkit.plotting import (
+    check_results,
+    load_results,
+    plot_demo,
+    read_loss_curve,
+    results_rows,
+    results_table,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _prepend(path: Path, variable: str) -> str:
+    return os.pathsep.join([str(path), *filter(None, os.environ.get(variable, "").split(os.pathsep))])
+
+
+@pytest.fixture
+def kernel_env(tmp_path, monkeypatch):
+    """A ``python3`` kernelspec that runs THIS interpreter, found first through JUPYTER_PATH, and ibkit importable."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec_dir / "kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "Python 3", "language": "python"})
+    )
+    monkeypatch.setenv("JUPYTER_PATH", _prepend(tmp_path / "jupyter", "JUPYTER_PATH"))
+    monkeypatch.setenv("PYTHONPATH", _prepend(REPO / "src", "PYTHONPATH"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: a second thread only waits on a busy CPU
+    work = tmp_path / "work"
+    work.mkdir()
+    return work
+
+
+def parameters_cell(nb) -> int:
+    tagged = [
+        i for i, cell in enumerate(nb.cells) if "parameters" in cell.get("metadata", {}).get("tags", [])
+    ]
+    assert len(tagged) == 1, "a notebook needs exactly one code cell tagged 'parameters'"
+    return tagged[0]
+
+
+def run_notebook(path: Path, cwd: Path, parameters: dict | None = None):
+    """Execute ``path`` in ``cwd`` with ``parameters`` assigned right after its parameters cell (papermill style)."""
+    nb = nbformat.read(path, as_version=4)
+    if parameters:
+        index = parameters_cell(nb)
+        declared = nb.cells[index].source
+        for name in parameters:
+            assert f"\n{name} = " in f"\n{declared}", f"{path.name}: parameters cell has no {name}"
+        source = "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
+        injected = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+        nb.cells.insert(index + 1, injected)
+    client = nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    )
+    client.execute()  # raises CellExecutionError naming the failing cell
+    return nb
+
+
+def text_output(nb) -> str:
+    parts = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                parts.append(output["text"])
+            elif "data" in output and "text/plain" in output["data"]:
+                parts.append(output["data"]["text/plain"])
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- notebooks
+
+
+def test_there_are_notebooks():
+    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "results.ipynb"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_saved_clean(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code), (
+        "clear outputs before saving"
+    )
+    assert any(cell.cell_type == "markdown" for cell in nb.cells)
+    parameters_cell(nb)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, kernel_env):
+    """Defaults, run from an empty folder: quickstart builds a small model, results falls back to its example."""
+    nb = run_notebook(path, kernel_env)
+    text = text_output(nb)
+    if path.stem == "quickstart":
+        assert sum(line.startswith("A: ") for line in text.splitlines()) == 3  # one answer per question
+        assert "dropped" in text and "nothing saved" in text  # the BLIP-2 cell passed its assertions
+    if path.stem == "results":
+        assert "MADE-UP EXAMPLE" in text
+        assert (kernel_env / "outputs/demo/results.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.slow
+def test_quickstart_saves_a_model_that_loads_back_through_model_path(kernel_env):
+    """SAVE_PATH then MODEL_PATH: the loaded model and processor give the same answers and features."""
+    saved = kernel_env / "model"
+    first = text_output(
+        run_notebook(REPO / "notebooks" / "quickstart.ipynb", kernel_env, {"SAVE_PATH": str(saved)})
+    )
+    assert (saved / "config.json").is_file() and (saved / "qformer_tokenizer").is_dir()
+    second = text_output(
+        run_notebook(
+            REPO / "notebooks" / "quickstart.ipynb",
+            kernel_env,
+            {"MODEL_PATH": str(saved), "WORK_DIR": str(kernel_env / "unused")},
+        )
+    )
+    assert not (kernel_env / "unused").exists()  # loading builds nothing
+
+    def answers_and_similarities(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith(("A: ", "What ", "How ", "Is "))]
+
+    assert len(answers_and_similarities(first)) == 3 + 2 * 3  # three answers, two 3x3 similarity matrices
+    assert answers_and_similarities(first) == answers_and_similarities(second)
+
+
+def _write_csvlogger(save_dir: Path, name: str, losses: list[float]) -> Path:
+    """Write metrics.csv with Lightning's own CSVLogger, validation rows interleaved (no train/loss there)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(save_dir=save_dir, name=name)
+    for step, loss in enumerate(losses):
+        logger.log_metrics({"train/loss": loss, "train/lr": 1e-4}, step=step)
+        if step % 2 == 1:
+            logger.log_metrics({"val/loss": loss + 1.0}, step=step)
+    logger.save()
+    return Path(logger.log_dir) / "metrics.csv"
+
+
+DEMO_RESULTS = {
+    "stage1": {"shapes_vsr": {"accuracy": 0.61}, "shapes_nocaps": {"cider": 0.42}},
+    "stage2": {"shapes_vsr": {"accuracy": 0.73}, "shapes_nocaps": {"cider": 0.97}},
+    "chance": {"shapes_vsr": 0.5, "shapes_nocaps": 0.0},
+    "ablations": {"blip2_qformer": {"shapes_vsr": {"mean": 0.66, "std": 0.03}}},
+}
+
+
+def test_results_notebook_reads_demo_outputs(kernel_env):
+    demo = kernel_env / "demo"
+    demo.mkdir()
+    (demo / "results.json").write_text(json.dumps(DEMO_RESULTS))
+    _write_csvlogger(demo, "stage1", [3.0, 2.5, 2.0, 1.7, 1.5])
+    stage2_csv = _write_csvlogger(demo, "stage2", [1.4, 1.2, 1.1])
+    out_png = kernel_env / "figure" / "demo.png"
+    nb = run_notebook(
+        REPO / "notebooks" / "results.ipynb",
+        kernel_env,
+        {
+            "RESULTS_JSON": str(demo / "results.json"),
+            "CURVES": {"stage1": str(demo / "stage1"), "stage2": str(stage2_csv)},  # a folder and a file
+            "OUT_PNG": str(out_png),
+        },
+    )
+    text = text_output(nb)
+    assert "MADE-UP" not in text
+    assert "stage1: 5 training steps" in text and "stage2: 3 training steps" in text
+    assert "| shapes_vsr | accuracy | 0.610 | 0.730 | 0.500 | 0.660 ± 0.030 |" in text
+    assert out_png.read_bytes().startswith(PNG_SIGNATURE)
+
+
+# ------------------------------------------------------------------------------------------------ plotting
+
+
+def test_read_loss_curve_returns_the_logged_training_losses(tmp_path):
+    losses = [2.0, 1.5, 1.25, 1.0]
+    csv_file = _write_csvlogger(tmp_path, "run", losses)
+    expected = list(enumerate(losses))
+    assert read_loss_curve(csv_file) == expected
+    assert read_loss_curve(tmp_path / "run") == expected  # the folder: newest version_N/metrics.csv
+    assert read_loss_curve(csv_file, column="val/loss") == [(1, 2.5), (3, 2.0)]
+
+
+def test_read_loss_curve_names_the_file_and_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        read_loss_curve(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no metrics.csv"):
+        read_loss_curve(tmp_path)
+    bad = tmp_path / "metrics.csv"
+    bad.write_text("step,loss\n0,1.0\n")
+    with pytest.raises(ValueError, match=r"metrics\.csv: no 'train/loss' column \(columns: step, loss\)"):
+        read_loss_curve(bad)
+    bad.write_text("step,train/loss\n0,1.0\n1,oops\n")
+    with pytest.raises(ValueError, match=r"metrics\.csv line 3"):
+        read_loss_curve(bad)
+
+
+def test_results_rows_line_up_stages_chance_and_ablations():
+    rows = {row["dataset"]: row for row in results_rows(DEMO_RESULTS)}
+    vsr = DEMO_RESULTS["stage2"]["shapes_vsr"]["accuracy"]
+    assert rows["shapes_vsr"]["stage2"] == vsr
+    assert rows["shapes_vsr"]["chance"] == DEMO_RESULTS["chance"]["shapes_vsr"]
+    assert rows["shapes_vsr"]["blip2_qformer"] == (0.66, 0.03)
+    assert rows["shapes_nocaps"]["blip2_qformer"] is None  # the ablation did not evaluate it
+    table = results_table(DEMO_RESULTS)
+    assert table.splitlines()[0] == "| dataset | metric | stage1 | stage2 | chance | blip2_qformer |"
+    assert "| shapes_nocaps | cider | 0.420 | 0.970 | 0.000 | - |" in table
+
+
+@pytest.mark.parametrize(
+    ("results", "field"),
+    [
+        ({"stage1": {"shapes_vsr": {"accuracy": "high"}}}, "results['stage1']['shapes_vsr']['accuracy']"),
+        ({"stage1": {"shapes_vsr": 0.5}}, "results['stage1']['shapes_vsr']"),
+        ({"chance": {"shapes_vsr": None}}, "results['chance']['shapes_vsr']"),
+        ({"ablations": {"a": {"shapes_vsr": {"std": 0.1}}}}, "results['ablations']['a']['shapes_vsr']"),
+        ({"stage1": {}, "ablations": {"stage1": {}}}, "may not be called 'stage1'"),
+    ],
+)
+def test_bad_results_name_the_field(results, field):
+    with pytest.raises(ValueError) as error:
+        check_results(results)
+    assert field in str(error.value)
+
+
+def test_load_results_names_the_file(tmp_path):
+    good = tmp_path / "results.json"
+    good.write_text(json.dumps(DEMO_RESULTS))
+    assert load_results(good) == DEMO_RESULTS
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken\.json: "):
+        load_results(broken)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"chance": {"shapes_vsr": "half"}}))
+    with pytest.raises(
+        ValueError, match=r"wrong\.json: results\['chance'\]\['shapes_vsr'\] must be a number"
+    ):
+        load_results(wrong)
+
+
+def test_plot_demo_writes_a_two_panel_png(tmp_path):
+    from PIL import Image
+
+    curves = {
+        "stage1": [(s, 3.0 * math.exp(-s / 5)) for s in range(20)],
+        "stage2": [(s, 1.0 / (s + 1)) for s in range(8)],
+    }
+    out = plot_demo(DEMO_RESULTS, curves, tmp_path / "sub" / "demo.png")
+    assert out == tmp_path / "sub" / "demo.png"
+    data = out.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+    with Image.open(out) as image:
+        width, height = image.size
+    assert width > 2 * height  # two panels side by side
+    # a results dict without ablations, and empty curves, still draw
+    minimal = {key: DEMO_RESULTS[key] for key in ("stage1", "stage2", "chance")}
+    assert plot_demo(minimal, {"stage1": [], "stage2": []}, tmp_path / "minimal.png").stat().st_size > 0
+    with pytest.raises(ValueError, match=r"curves\['stage1'\]\[0\]"):
+        plot_demo(minimal, {"stage1": [(0, "x")]}, tmp_path / "bad.png")
