@@ -148,6 +148,8 @@ class TinyShapesDataModule(InstructionDataModule):
         max_prompt_len: int = 48,
         max_target_len: int = 24,
         mixing: str = "sqrt",
+        train_augment: bool = False,
+        eval_splits: dict[str, str] | None = None,
     ) -> None:
         root_path = Path(root)
         super().__init__(
@@ -167,6 +169,8 @@ class TinyShapesDataModule(InstructionDataModule):
             max_prompt_len=max_prompt_len,
             max_target_len=max_target_len,
             mixing=mixing,
+            eval_splits=eval_splits,
+            train_augment=train_augment,  # shapes: a random crop would cut shapes off and change the answers
             pin_memory=False,
         )
         self.root = root_path
