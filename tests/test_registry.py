@@ -333,3 +333,17 @@ def test_data_check_counts_malformed_records(tmp_path):
     dev_seen = next(s for s in result.splits if s.split == "dev_seen")
     assert (dev_seen.count, dev_seen.skipped) == (1, 2)
     assert result.media_found == {"images": True}  # the data root folder itself holds img/
+
+
+def test_aokvqa_multiple_choice_variant_ranks_the_official_choices(tmp_path):
+    from ibkit.data.templates import zero_shot_instruction
+
+    write_fixture_root(tmp_path)
+    direct = registry.load_samples("aokvqa", tmp_path, "val")
+    mc = registry.load_samples("aokvqa_mc", tmp_path, "val")
+    spec = registry.get_spec("aokvqa_mc")
+    assert spec.suite == "finetune" and spec.eval_mode == "rank" and spec.metric == "accuracy"
+    assert [s.candidates for s in mc] == [s.candidates for s in direct] and all(len(s.candidates) == 4 for s in mc)
+    assert all(0 <= s.label < 4 for s in mc)
+    assert "(a) " + mc[0].candidates[0] in zero_shot_instruction(mc[0], spec)
+    assert "aokvqa_mc" not in {s.name for s in registry.list_specs("instructblip")}

@@ -40,7 +40,7 @@ FAMILIES = (
 METRICS = ("cider", "vqa_accuracy", "accuracy", "auc", "mrr", "ivqa_accuracy", "none")
 EVAL_MODES = ("generate", "rank")
 MEDIA_ROLES = ("images", "videos")
-SUITES = ("instructblip", "shapes")
+SUITES = ("instructblip", "finetune", "shapes")  # finetune: evaluation variants of the 26 (Table 3)
 
 
 @dataclass(frozen=True)
@@ -664,6 +664,22 @@ def _builtin_specs() -> list[DatasetSpec]:
             generation=GEN_SHORT,
             description="iVQA (5 answers each; 4 frames)",
         ),
+        # ---------------------------------------------------------------- finetuning variants (Table 3)
+        DatasetSpec(
+            name="aokvqa_mc",
+            family="knowledge_grounded_image_qa",
+            held_in=True,
+            files=aokvqa_files,
+            reader=LazyReader(_R + "vqa:read_aokvqa"),
+            splits=("train", "val", "test"),
+            metric="accuracy",
+            eval_mode="rank",
+            prompt=mc_prompt,
+            templates="multiple_choice",
+            generation={},
+            suite="finetune",
+            description="A-OKVQA multiple choice: the same files, ranking the 4 choices (paper Table 3)",
+        ),
     ]
     return [replace(spec, eval_split=_EVAL_SPLITS.get(spec.name)) for spec in specs]
 
@@ -676,6 +692,7 @@ _EVAL_SPLITS = {
     "vqav2": "val",
     "okvqa": "val",
     "aokvqa": "val",
+    "aokvqa_mc": "val",
     "ocrvqa": "val",
     "vqg_vqav2": "val",
     "vqg_okvqa": "val",
