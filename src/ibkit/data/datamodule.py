@@ -35,30 +35,11 @@ from ibkit.models.vision.base import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
 
-# The paper's zero-shot evaluation split of each held-out dataset (reference/instructblip.md). VizWiz
-# is scored on test-dev by the official server; locally only val has answers, so val is the default.
-DEFAULT_EVAL_SPLITS = {
-    "nocaps": "val",
-    "flickr30k": "test",
-    "gqa": "testdev",
-    "vsr": "test",
-    "iconqa": "test",
-    "textvqa": "val",
-    "vizwiz": "val",
-    "scienceqa": "test",
-    "visdial": "val",
-    "hatefulmemes": "dev_seen",
-    "msvd_qa": "test",
-    "msrvtt_qa": "test",
-    "ivqa": "test",
-}
-
-
 def eval_split_for(spec: Any, overrides: dict[str, str] | None = None) -> str:
-    """The split a held-out dataset is evaluated on: override, spec, paper default, else test/val."""
+    """The split a dataset is evaluated on: override, else the registry's (the paper's), else test/val."""
     if overrides and spec.name in overrides:
         return overrides[spec.name]
-    split = getattr(spec, "eval_split", None) or DEFAULT_EVAL_SPLITS.get(spec.name)
+    split = spec.eval_split  # the registry holds the paper's split per dataset
     if split:
         return split
     for candidate in ("test", "testdev", "val", "dev"):
