@@ -22,7 +22,7 @@ from torch import nn
 from ibkit.models.vision.base import CLIP_MEAN, CLIP_STD, VisionEncoder
 from ibkit.models.vision.open_clip_tower import (
     cast_with_fp32_norms,
-    parse_compute_dtype,
+    frozen_half_dtype,
     resolve_layer,
     run_tower,
     three_floats,
@@ -80,13 +80,8 @@ class HFVisionEncoder(VisionEncoder):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__(frozen=frozen, compute_dtype=compute_dtype)
-        half = parse_compute_dtype(compute_dtype)
         where = f"HFVisionEncoder({path!r})"
-        if half is not None and not frozen:
-            raise ValueError(
-                f"{where}: compute_dtype={compute_dtype!r} stores the weights in half precision and is only for "
-                "frozen towers; train the tower in fp32 and pick the precision with the trainer instead"
-            )
+        half = frozen_half_dtype(compute_dtype, frozen, where)
         directory = Path(path)
         config_file = directory / "config.json"
         if not config_file.is_file():

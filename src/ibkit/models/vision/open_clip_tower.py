@@ -39,6 +39,17 @@ FULL_DTYPES = ("fp32", "float32", "float")
 
 
 # -- helpers shared by the tower wrappers ---------------------------------------------------------------
+def frozen_half_dtype(compute_dtype: str | None, frozen: bool, where: str) -> torch.dtype | None:
+    """The half dtype a tower is stored in; only frozen towers may be (training needs fp32 weights)."""
+    half = parse_compute_dtype(compute_dtype)
+    if half is not None and not frozen:
+        raise ValueError(
+            f"{where}: compute_dtype={compute_dtype!r} stores the weights in half precision and is only for "
+            "frozen towers; train the tower in fp32 and pick the precision with the trainer instead"
+        )
+    return half
+
+
 def parse_compute_dtype(name: str | None) -> torch.dtype | None:
     """``"bf16"``/``"fp16"`` (and long spellings) -> torch dtype; ``None``/``"fp32"`` -> ``None`` (no cast)."""
     if name is None:
@@ -238,13 +249,8 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__(frozen=frozen, compute_dtype=compute_dtype)
-        half = parse_compute_dtype(compute_dtype)
         where = f"OpenCLIPVisionEncoder({model_name!r})"
-        if half is not None and not frozen:
-            raise ValueError(
-                f"{where}: compute_dtype={compute_dtype!r} stores the weights in half precision and is only for "
-                "frozen towers; train the tower in fp32 and pick the precision with the trainer instead"
-            )
+        half = frozen_half_dtype(compute_dtype, frozen, where)
         self.model_name = model_name
         self.keep_cls = keep_cls
 
