@@ -82,6 +82,16 @@ def _pid_list(pid_splits: Any, key: str, path: Path, dataset: str) -> list[str] 
     return [str(pid) for pid in pids]
 
 
+def _choice_sample(
+    dataset: str, pid: int | str, image: str, question: str, choices: list[str], label: int, **fields: Any
+) -> Sample:
+    """A multiple-choice record: the correct choice is both the answer and the training target."""
+    return Sample(
+        dataset, str(pid), image=image, question=question, answers=[choices[label]], target=choices[label],
+        candidates=choices, label=label, **fields,
+    )
+
+
 def read_iconqa(paths: dict[str, Path], split: str, skips: SkipCounter | None = None) -> list[Sample]:
     """IconQA ``problems.json`` + ``pid_splits.json``, the ``choose_txt`` sub-task (as in the paper)."""
     dataset, path = "iconqa", paths[split]
@@ -106,17 +116,7 @@ def read_iconqa(paths: dict[str, Path], split: str, skips: SkipCounter | None = 
         problem_split = record.get("split", split)
         image = under(paths["images"], problem_split, "choose_txt", str(pid), "image.png")
         extra = {key: record[key] for key in ("grade", "label", "ques_type") if key in record}
-        return Sample(
-            dataset,
-            str(pid),
-            image=image,
-            question=question,
-            answers=[choices[label]],
-            target=choices[label],
-            candidates=choices,
-            label=label,
-            extra=extra,
-        )
+        return _choice_sample(dataset, pid, image, question, choices, label, extra=extra)
 
     return convert_records(((pid, problems.get(pid)) for pid in pids), path, skips, convert)
 
@@ -149,18 +149,7 @@ def read_scienceqa(paths: dict[str, Path], split: str, skips: SkipCounter | None
             for key in ("lecture", "solution", "subject", "topic", "category", "skill", "grade", "task")
             if key in record
         }
-        return Sample(
-            dataset,
-            str(pid),
-            image=image,
-            question=question,
-            answers=[choices[label]],
-            target=choices[label],
-            candidates=choices,
-            label=label,
-            context=hint,
-            extra=extra,
-        )
+        return _choice_sample(dataset, pid, image, question, choices, label, context=hint, extra=extra)
 
     return convert_records(((pid, problems.get(pid)) for pid in pids), path, skips, convert)
 
