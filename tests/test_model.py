@@ -151,3 +151,30 @@ def test_paper_size_trainable_count_on_meta_device():
     assert abs(trainable - 188e6) / 188e6 < 0.02, trainable
     assert abs(model.num_parameters() - 4.0e9) / 4.0e9 < 0.05
     assert model.query_tokens.device.type == "meta"
+
+
+def test_pretrained_loads_in_the_other_qformer_mode(tmp_path):
+    """The BLIP-2 ablation starts from an InstructBLIP folder: the text-only weights are dropped, the rest kept."""
+    from ibkit.convert.transformers_io import load_pretrained
+
+    source = tiny_model(T5_TEXT)
+    source.save_pretrained(tmp_path / "instructblip")
+    blip2 = load_pretrained(tmp_path / "instructblip", instruction_aware=False)
+    assert not blip2.qformer_config.instruction_aware
+    shared = blip2.state_dict()
+    for name, value in source.state_dict().items():
+        if name in shared:
+            torch.testing.assert_close(shared[name], value)
+    dropped = set(source.state_dict()) - set(shared)
+    assert dropped and all("word_embeddings" in n or "position_embeddings" in n or ".intermediate." in n
+                           or ".output." in n for n in dropped)
+    x = hf_inputs()
+    a = blip2.visual_prompt(x["pixel_values"], x["qformer_input_ids"], x["qformer_attention_mask"])
+    b = blip2.visual_prompt(x["pixel_values"], None, None)
+    torch.testing.assert_close(a, b)  # the instruction no longer reaches the queries
+
+    blip2.save_pretrained(tmp_path / "blip2")
+    assert not load_pretrained(tmp_path / "blip2").qformer_config.instruction_aware  # the mode is saved
+    back = load_pretrained(tmp_path / "blip2", instruction_aware=True)  # text parts start fresh
+    assert back.qformer_config.instruction_aware
+    torch.testing.assert_close(back.query_tokens, source.query_tokens)

@@ -161,7 +161,21 @@ def _resolve(path: str | Path) -> Path:
     return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
 
 
-def load_pretrained(path: str | Path, dtype: str | None = None, strict: bool = True) -> InstructBLIP:
+_QFORMER_TEXT_ONLY = re.compile(
+    r"^qformer\.(embeddings\.(word|position)_embeddings\.|encoder\.layer\.\d+\.(intermediate|output)\.)"
+)
+
+
+def load_pretrained(
+    path: str | Path, dtype: str | None = None, strict: bool = True, instruction_aware: bool | None = None
+) -> InstructBLIP:
+    """Load a transformers/ibkit InstructBLIP directory.
+
+    ``instruction_aware`` overrides the saved Q-Former mode, e.g. to run the BLIP-2 ablation from an
+    InstructBLIP checkpoint: False drops the Q-Former's text-only weights (word/position embeddings and
+    the text feed-forward layers); True on a BLIP-2 checkpoint leaves them freshly initialised.
+    The model comes back in eval mode, as transformers' ``from_pretrained`` returns it.
+    """
     directory = _resolve(path)
     config_file = directory / "config.json"
     if not config_file.exists():
@@ -172,7 +186,9 @@ def load_pretrained(path: str | Path, dtype: str | None = None, strict: bool = T
         raise ValueError(f"{config_file}: model_type {model_type!r} is not one of {TRANSFORMERS_MODEL_TYPES}")
     extra = cfg.get("ibkit", {})
     vision_cfg = vision_config_from_hf(cfg.get("vision_config", {}))
-    qformer_cfg = qformer_config_from_hf(cfg.get("qformer_config", {}), extra.get("instruction_aware", True))
+    saved_mode = extra.get("instruction_aware", True)
+    mode = saved_mode if instruction_aware is None else instruction_aware
+    qformer_cfg = qformer_config_from_hf(cfg.get("qformer_config", {}), mode)
     text_cfg = dict(cfg["text_config"])
     text_cfg.setdefault("model_type", "t5" if not cfg.get("use_decoder_only_language_model", False) else "llama")
     model = InstructBLIP(
@@ -183,7 +199,16 @@ def load_pretrained(path: str | Path, dtype: str | None = None, strict: bool = T
         ln_vision_eps=extra.get("ln_vision_eps", vision_cfg.layer_norm_eps),
     )
     state = hf_to_ibkit_state(read_weights(directory))
+    if not mode and saved_mode:
+        dropped = [k for k in state if _QFORMER_TEXT_ONLY.match(k)]
+        state = {k: v for k, v in state.items() if k not in dropped}
+        log.info("%s: BLIP-2 Q-Former requested; %d text-only Q-Former tensors not loaded", directory, len(dropped))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if mode and not saved_mode:
+        fresh = [k for k in missing if _QFORMER_TEXT_ONLY.match(k)]
+        missing = [k for k in missing if k not in fresh]
+        log.warning("%s: a BLIP-2 Q-Former loaded as instruction-aware; %d text-only tensors are freshly "
+                    "initialised", directory, len(fresh))
     model.language_model.base_model.tie_weights()
     tied = _tied_names(model)
     missing = [k for k in missing if k not in tied]
@@ -192,7 +217,7 @@ def load_pretrained(path: str | Path, dtype: str | None = None, strict: bool = T
     model.image_token_index = cfg.get("image_token_index")
     if dtype is not None:
         model.language_model.to(resolve_dtype(dtype))
-    return model
+    return model.eval()  # as transformers returns it: no dropout until a trainer calls train()
 
 
 def _tied_names(model: InstructBLIP) -> set[str]:
