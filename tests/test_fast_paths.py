@@ -10,10 +10,16 @@ import torch.nn.functional as F
 from tiny_models import NUM_QUERIES, QFORMER, T5_TEXT, VISION, hf_inputs, with_placeholders
 
 from ibkit import InstructBLIP, LanguageModel
-from ibkit.bench.fast_paths import PrecisionPolicy, apply_precision_policy, compile_model, default_policy
 from ibkit.bench.runner import build_transformers
 from ibkit.convert.transformers_io import qformer_config_from_hf
 from ibkit.models import EVAViT, EVAViTConfig
+from ibkit.models.precision import (
+    PrecisionPolicy,
+    apply_precision_policy,
+    compile_model,
+    default_policy,
+    inference_model,
+)
 
 FP32 = dict(rtol=1e-4, atol=1e-4)
 # bf16 policy (frozen encoder + LLM stored in bf16, bf16 autocast): documented in docs/bench.md
@@ -61,7 +67,7 @@ def test_vit_and_qformer_use_sdpa_and_it_matches_explicit_attention(model, monke
 
 
 def test_explicit_vit_attention_matches_sdpa(model, monkeypatch):
-    from ibkit.bench.fast_paths import ExplicitEVAAttention, use_explicit_attention
+    from ibkit.models.precision import ExplicitEVAAttention, use_explicit_attention
 
     x = hf_inputs()
     fast = copy.deepcopy(model)
@@ -220,3 +226,35 @@ def test_default_policy_follows_measured_bf16_speed():
     assert fast.frozen_dtype == "bf16" and fast.autocast_dtype == "bf16"
     assert fast.llm_attention == "eager" and fast.llm_inference_attention == "sdpa" and fast.vision_attention == "explicit"
     assert default_policy("cpu", {"fp32": 1, "bf16": 4}, encoder_decoder=False).llm_attention is None
+
+
+def test_inference_copy_shares_frozen_weights_and_stores_the_bridge_in_bf16(model):
+    x = hf_inputs()
+    base = copy.deepcopy(model)
+    policy = PrecisionPolicy(frozen_dtype="bf16", autocast_dtype="bf16")
+    apply_precision_policy(base, policy)
+    infer = inference_model(base, policy)
+    assert infer is not base
+    norms = {n for n, _ in base.named_parameters() if "layer_norm" in n and n.startswith("vision_encoder.")}
+    assert norms
+    frozen_before = {n: p.data_ptr() for n, p in base.named_parameters() if not p.requires_grad and n not in norms}
+    shared = {n: p.data_ptr() for n, p in infer.named_parameters() if n in frozen_before}
+    assert shared == frozen_before  # the frozen encoder and LLM are the same tensors, not copies
+    # the encoder's LayerNorms are the copy's own, in bf16; the trained model's stay fp32
+    assert all(dict(infer.named_parameters())[n].dtype == torch.bfloat16 for n in norms)
+    assert all(dict(base.named_parameters())[n].dtype == torch.float32 for n in norms)
+    assert all(p.dtype == torch.bfloat16 for p in infer.qformer.parameters())
+    assert infer.query_tokens.dtype == torch.bfloat16 and infer.ln_vision.weight.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in infer.parameters())
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in base.trainable_parameters().values())
+    with torch.no_grad():
+        reference = model.visual_prompt(x["pixel_values"], x["qformer_input_ids"], x["qformer_attention_mask"])
+        prompt = infer.visual_prompt(x["pixel_values"], x["qformer_input_ids"], x["qformer_attention_mask"])
+        ref_loss = model(**x, labels=_labels()).loss
+        loss = infer(**x, labels=_labels()).loss
+    assert ((prompt.float() - reference).abs().max() / reference.abs().max()).item() < BF16_PROMPT_TOL
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < BF16_LOSS_TOL
+    out = infer.generate(x["pixel_values"], x["qformer_input_ids"], x["qformer_attention_mask"], x["input_ids"],
+                         x["attention_mask"], max_new_tokens=3, num_beams=2)
+    assert out.shape[0] == x["pixel_values"].shape[0]
+    assert inference_model(base, PrecisionPolicy(inference_dtype=None)) is base

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ibkit.bench.fast_paths import PrecisionPolicy, apply_precision_policy, compile_model, default_policy
 from ibkit.bench.runner import run_bench, write_report
 from ibkit.bench.sizes import SIZES, BenchSize
+from ibkit.models.precision import PrecisionPolicy, apply_precision_policy, compile_model, default_policy
 
 __all__ = [
     "SIZES",

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ibkit.bench.fast_paths import synchronize
+from ibkit.models.precision import synchronize
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:

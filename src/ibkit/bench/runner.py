@@ -9,7 +9,7 @@ Implementations (all in one process, with the same random weights):
   does (no dropout in the frozen LLM): not how transformers is run by default, it shows how much of
   the difference is dropout;
 * ``ibkit``: :class:`ibkit.InstructBLIP` under its default precision policy
-  (:mod:`ibkit.bench.fast_paths`);
+  (:mod:`ibkit.models.precision`);
 * ``ibkit_cached`` (training only): ``ibkit`` fed ``image_features`` read from a
   :class:`~ibkit.data.feature_cache.FeatureStore` on disk instead of running the encoder;
 * ranking baselines: transformers scoring candidate by candidate (``hf_fp32``, ``hf_bf16``) and
@@ -27,6 +27,7 @@ import copy
 import json
 import logging
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,11 +39,17 @@ from typing import Any
 
 import torch
 
-from ibkit.bench.fast_paths import PrecisionPolicy, apply_precision_policy, default_policy, matmul_peak
 from ibkit.bench.measure import PeakMemory, count_flops, machine_info, resident_bytes, timed, versions
 from ibkit.bench.sizes import SIZES, BenchSize
 from ibkit.models.instructblip import InstructBLIP
 from ibkit.models.language import LanguageModel
+from ibkit.models.precision import (
+    PrecisionPolicy,
+    apply_precision_policy,
+    default_policy,
+    inference_model,
+    matmul_peak,
+)
 from ibkit.models.vision.eva_vit import EVAViT
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,7 @@ LABELS = {
 }
 # The ways transformers' users run it: the ratio targets compare ibkit with the faster of these.
 USER_BASELINES = ("hf_fp32", "hf_bf16")
+MEMORY_RUNS = 3  # peak-memory runs per implementation (median kept)
 TARGETS = {"train": 1.3, "train_cached": 2.0, "generate": 1.0, "rank": 3.0, "memory": 1.0}
 
 
@@ -219,10 +227,12 @@ class Bench:
         self.policy = policy or default_policy(device, peaks)
         apply_precision_policy(self.ours, self.policy)
         if compile_ibkit:
-            from ibkit.bench.fast_paths import compile_model
+            from ibkit.models.precision import compile_model
 
             compile_model(self.ours)
         self.ours.eval()
+        # generation and ranking run the inference copy: frozen weights shared, the bridge in bf16
+        self.ours_infer = inference_model(self.ours, self.policy)
         self.optimizers: dict[str, torch.optim.Optimizer] = {
             "ibkit": adamw(list(self.ours.trainable_parameters().values()))
         }
@@ -239,7 +249,7 @@ class Bench:
     def _resident(self, key: str, training: bool = False) -> Callable[[], int]:
         """Weights and buffers (+ gradients and optimizer state when training) of one implementation."""
         base = "ibkit" if key.startswith("ibkit") else key.replace("_eval", "").replace("_batched", "")
-        model = self.ours if base == "ibkit" else self.hf[base]
+        model = (self.ours if training else self.ours_infer) if base == "ibkit" else self.hf[base]
         return lambda: resident_bytes(model, self.optimizers[base] if training else None)
 
     # -- identical weights for every workload
@@ -350,9 +360,8 @@ class Bench:
             impls.append(Impl(key, gen, self._resident(key), "bf16" if "bf16" in key else "fp32"))
 
         def ours() -> torch.Tensor:
-            self.ours.eval()  # inference runs the stored precisions: no autocast (see fast_paths)
-            self.policy.set_mode(self.ours, training=False)
-            return self.ours.generate(
+            self.policy.set_mode(self.ours_infer, training=False)  # stored precisions, no autocast (see ibkit.models.precision)
+            return self.ours_infer.generate(
                 x.pixel_values, x.qformer_input_ids, x.qformer_attention_mask, x.input_ids, x.attention_mask, **kwargs
             )
 
@@ -428,9 +437,8 @@ class Bench:
         impls.append(Impl("hf_bf16_batched", batched, self._resident("hf_bf16_batched"), "bf16"))
 
         def ours() -> torch.Tensor:
-            self.ours.eval()
-            self.policy.set_mode(self.ours, training=False)
-            return self.ours.score_candidates(
+            self.policy.set_mode(self.ours_infer, training=False)
+            return self.ours_infer.score_candidates(
                 x.pixel_values, x.qformer_input_ids, x.qformer_attention_mask, x.input_ids, x.attention_mask,
                 cand_ids, cand_mask,
             ).cpu()
@@ -467,22 +475,29 @@ def measure(
     tick: Callable[[int], Any],
     outputs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Warm up, one memory run and one FLOP count each, then ``repeats`` alternating timed rounds.
+    """Warm up, MEMORY_RUNS alternating memory runs (median) and one FLOP count each, then ``repeats`` timed rounds.
 
-    ``outputs`` (if given) receives what each implementation's memory run returned.
+    ``outputs`` (if given) receives what each implementation's first memory run returned.
     """
     for impl in impls:
         for _ in range(warmup):
             impl.run()
             tick(1)
-    memory = {}
-    for impl in impls:
-        with PeakMemory(device) as peak:
-            result = impl.run()
-        if outputs is not None:
-            outputs[impl.key] = result
-        memory[impl.key] = (impl.resident(), peak.delta, peak.method)
-        tick(1)
+    # CPU peak growth is read from the process's RSS, which moves by allocator noise of a few MiB between
+    # identical runs: each implementation is measured MEMORY_RUNS times, alternating, and the median kept.
+    deltas: dict[str, list[int]] = {impl.key: [] for impl in impls}
+    methods: dict[str, str] = {}
+    for r in range(MEMORY_RUNS):
+        for impl in impls[r % len(impls):] + impls[: r % len(impls)]:
+            with PeakMemory(device) as peak:
+                result = impl.run()
+            if outputs is not None and r == 0:
+                outputs[impl.key] = result
+            deltas[impl.key].append(peak.delta)
+            methods[impl.key] = peak.method
+            tick(1)
+    memory = {impl.key: (impl.resident(), int(statistics.median(deltas[impl.key])), methods[impl.key],
+                         deltas[impl.key]) for impl in impls}
     counted = {}
     for impl in impls:
         counted[impl.key] = impl.flops() if impl.flops is not None else count_flops(impl.run)
@@ -497,7 +512,7 @@ def measure(
     for impl in impls:
         ts = sorted(times[impl.key])
         median = ts[len(ts) // 2] if len(ts) % 2 else (ts[len(ts) // 2 - 1] + ts[len(ts) // 2]) / 2
-        resident, delta, method = memory[impl.key]
+        resident, delta, method, all_deltas = memory[impl.key]
         rows.append({
             "workload": workload,
             "setting": setting,
@@ -508,6 +523,7 @@ def measure(
             "min_s": ts[0],
             "resident_bytes": resident,
             "memory_delta_bytes": delta,
+            "memory_delta_runs_bytes": all_deltas,
             "peak_memory_bytes": resident + delta,
             "memory_method": method,
             "flops": counted[impl.key],
@@ -517,14 +533,14 @@ def measure(
 
 
 def _ticks(size: BenchSize, warmup: int, repeats: int, rank_repeats: int, workloads: set[str]) -> int:
-    per = 2 + warmup
+    per = 1 + MEMORY_RUNS + warmup
     total = 0
     if "train" in workloads:
         total += 5 * (per + repeats)
     if "generate" in workloads:
         total += len(size.gen_batches) * len(size.gen_beams) * 3 * (per + repeats)
     if "rank" in workloads:
-        total += 4 * (2 + rank_repeats)  # no separate warm-up: the memory run warms up
+        total += 4 * (1 + MEMORY_RUNS + rank_repeats)  # no separate warm-up: the memory runs warm up
     return total
 
 

@@ -214,10 +214,13 @@ class InstructBLIP(nn.Module):
         attention_mask: torch.Tensor | None,
         candidate_ids: torch.Tensor,
         candidate_attention_mask: torch.Tensor,
-        chunk_size: int = 128,
+        chunk_size: int = 16,
         image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sum of log p(candidate tokens | image, prompt) for each candidate: (B, C).
+
+        ``chunk_size`` candidates per sample are decoded at once: their logits (chunk x length x vocab)
+        are the peak memory, so larger chunks trade memory for fewer, larger LLM calls.
 
         ``candidate_ids``/``candidate_attention_mask`` are (B, C, L), right-padded; T5 candidates should end
         with EOS. The image, the Q-Former and the prompt are encoded once per sample (the T5 encoder
@@ -236,10 +239,11 @@ class InstructBLIP(nn.Module):
                 cmask = candidate_attention_mask[:, start : start + chunk_size]
                 c = ids.shape[1]
                 labels = ids.flatten(0, 1).masked_fill(cmask.flatten(0, 1) == 0, -100)
+                # decoder inputs rather than labels: the LLM's own loss would upcast every logit once more
                 out = self.language_model(
                     encoder_outputs=(enc.repeat_interleave(c, 0),),
                     attention_mask=mask.repeat_interleave(c, 0),
-                    labels=labels,
+                    decoder_input_ids=self.language_model.base_model.prepare_decoder_input_ids_from_labels(labels=labels),
                     decoder_attention_mask=cmask.flatten(0, 1),
                     use_cache=False,
                 )
@@ -276,7 +280,9 @@ class InstructBLIP(nn.Module):
 
     @staticmethod
     def _sum_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.clamp(min=0)[..., None]).squeeze(-1)
+        # log p = logit - logsumexp(logits): one fp32 copy of the logits instead of two (log_softmax's output)
+        picked = logits.gather(-1, ids.clamp(min=0)[..., None]).squeeze(-1).float()
+        logp = picked - torch.logsumexp(logits.float(), dim=-1)
         return (logp * mask).sum(-1)
 
     # -- text in, text out (notebooks) ----------------------------------------------------------------

@@ -17,6 +17,9 @@ The policy (what ``ibkit bench`` measures as "ibkit"):
   a masked CPU kernel whose backward is slow for prompt-length sequences; inference keeps SDPA, one
   fused call per attention, which wins while decoding (:meth:`PrecisionPolicy.set_mode` switches;
   both kernels agree within 1e-4 in fp32);
+* for inference only (generation, ranking, ``ibkit test``/``predict``), :func:`inference_model` also
+  stores the small bridge (Q-Former, queries, projection, ``ln_vision``) in bf16, as transformers' bf16
+  model does: the frozen weights are shared, not copied, so inference memory is the all-bf16 model's;
 * hardware without fast bf16 keeps everything in fp32: the policy never slows a machine down.
 
 "Fast bf16" is measured, not assumed: :func:`matmul_peak` times square matmuls in both precisions.
@@ -25,6 +28,7 @@ The policy (what ``ibkit bench`` measures as "ibkit"):
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -72,7 +76,8 @@ class PrecisionPolicy:
     """Which precision and kernels each part of InstructBLIP runs with (``None``: fp32 / unchanged).
 
     ``frozen_dtype``: storage/compute of the frozen encoder and the frozen LLM; ``autocast_dtype``: the
-    autocast precision of the training forward (trainable parts keep fp32 weights); ``llm_attention``
+    autocast precision of the training forward (trainable parts keep fp32 weights); ``inference_dtype``:
+    the bridge's storage in an inference-only copy (:func:`inference_model`); ``llm_attention``
     and ``llm_inference_attention``: the transformers attention implementation of the LLM in training
     and in inference (``None`` keeps the model's); ``vision_attention``: ``"explicit"`` computes the EVA
     ViT's attention with plain matmuls instead of SDPA (:func:`use_explicit_attention`).
@@ -80,6 +85,7 @@ class PrecisionPolicy:
 
     frozen_dtype: str | None = "bf16"
     autocast_dtype: str | None = "bf16"
+    inference_dtype: str | None = "bf16"
     llm_attention: str | None = None
     llm_inference_attention: str | None = None
     vision_attention: str | None = None
@@ -121,8 +127,8 @@ def default_policy(
     if device.type == "cpu":
         attention["vision_attention"] = "explicit"
     if not fast_bf16(device, peaks):
-        return PrecisionPolicy(frozen_dtype=None, autocast_dtype=None, **attention)
-    return PrecisionPolicy(frozen_dtype="bf16", autocast_dtype="bf16", **attention)
+        return PrecisionPolicy(frozen_dtype=None, autocast_dtype=None, inference_dtype=None, **attention)
+    return PrecisionPolicy(frozen_dtype="bf16", autocast_dtype="bf16", inference_dtype="bf16", **attention)
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
@@ -152,6 +158,39 @@ def apply_precision_policy(model: nn.Module, policy: PrecisionPolicy) -> nn.Modu
         use_explicit_attention(encoder)
     policy.set_mode(model, training=False)  # a model at rest is ready for inference
     return model
+
+
+BRIDGE_PARTS = ("qformer", "language_projection", "ln_vision")
+
+
+def inference_model(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
+    """A copy of ``model`` for generation and ranking only, computing wholly in ``policy.inference_dtype``.
+
+    The frozen encoder's and LLM's weights are shared with ``model`` (same tensors, no extra memory);
+    the bridge (about 5% of the weights) and the encoder's LayerNorms are copied and cast, so the copy
+    runs in bf16 end to end without autocast, as transformers' bf16 model does (no fp32 activations
+    between blocks). Nothing in the copy trains; ``model`` keeps its fp32 master weights. Returns
+    ``model`` when the policy keeps fp32 for inference.
+    """
+    dtype = resolve_dtype(policy.inference_dtype)
+    if dtype is None:
+        return model
+    encoder_norms = [m for m in model.vision_encoder.modules() if isinstance(m, NORM_TYPES)]
+    owned = [model.get_submodule(name) for name in BRIDGE_PARTS] + encoder_norms
+    copied = {id(t) for module in owned for t in (*module.parameters(), *module.buffers())}
+    copied.add(id(model.query_tokens))
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in copied}
+    clone = copy.deepcopy(model, memo)
+    owned_copies = [clone.get_submodule(name) for name in BRIDGE_PARTS]
+    owned_copies += [m for m in clone.vision_encoder.modules() if isinstance(m, NORM_TYPES)]
+    for module in owned_copies:
+        module.to(dtype)  # safe: these tensors belong to the copy alone
+    clone.query_tokens.data = clone.query_tokens.data.to(dtype)
+    if getattr(clone.vision_encoder, "compute_dtype", None) is not None:
+        clone.vision_encoder.compute_dtype = None  # every weight is in dtype now: no autocast
+    for param in (*(p for module in owned_copies for p in module.parameters()), clone.query_tokens):
+        param.requires_grad_(False)  # only the copy's own tensors: shared ones (LoRA included) stay as they are
+    return clone.eval()
 
 
 class ExplicitEVAAttention(EVAAttention):
