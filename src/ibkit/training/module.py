@@ -173,6 +173,8 @@ class InstructBLIPModule(LightningModule):
         pretrained: a transformers/ibkit InstructBLIP folder, loaded in ``configure_model``.
         init_from: weights copied in after building, in order (LAVIS ``eva_vit_g.pth`` / BLIP-2 or
             InstructBLIP ``.pth``, a model folder, ``.safetensors``, a ``.ckpt``); missing keys keep their values.
+        qformer_instruction_aware: override the Q-Former mode saved in ``pretrained`` (False: BLIP-2's
+            Q-Former, for the "no instruction-aware features" ablation from an InstructBLIP checkpoint).
         llm_dtype: dtype of the frozen LLM loaded from ``pretrained`` (e.g. ``bfloat16``).
         vision_dtype: compute dtype of a frozen vision encoder (``bfloat16``/``float16``; None: as stored).
         lora: LoRA on the LLM when loading ``pretrained`` (with ``model``, set it on the LanguageModel).
@@ -191,6 +193,12 @@ class InstructBLIPModule(LightningModule):
             ``results.md`` (default: ``<trainer.default_root_dir>/results``).
         paper_model: the paper's Table 1 row that ``results.md`` sets beside ours (e.g.
             ``InstructBLIP FlanT5-XL``); None: no paper column.
+        fast_paths: apply ibkit's measured precision policy (:mod:`ibkit.models.precision`): where bf16
+            is fast, the frozen encoder and LLM are stored in bf16 (LayerNorms fp32), the training forward
+            runs under bf16 autocast while trainable weights keep fp32 masters, and ``ibkit test``/``predict``
+            run an inference copy whose bridge is bf16 too; plus the CPU attention kernels. Single device
+            and DDP (FSDP shards uniform dtypes: use its mixed precision instead).
+        compile: ``torch.compile`` the vision encoder and the Q-Former (parameter names unchanged).
         reseed_every_step: seed the random generators (dropout) from (run seed, step, rank) before every
             training batch, so a resumed run draws exactly what the uninterrupted run would have drawn
             (Lightning does not checkpoint RNG states, and loaders/validation consume random numbers).
@@ -201,6 +209,7 @@ class InstructBLIPModule(LightningModule):
         model: InstructBLIP | None = None,
         pretrained: str | None = None,
         init_from: str | list[str] | None = None,
+        qformer_instruction_aware: bool | None = None,
         llm_dtype: str | None = None,
         vision_dtype: str | None = None,
         lora: LoraSettings | None = None,
@@ -213,12 +222,18 @@ class InstructBLIPModule(LightningModule):
         paper_model: str | None = None,
         generation_overrides: dict[str, Any] | None = None,
         reseed_every_step: bool = True,
+        fast_paths: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if (model is None) == (pretrained is None):
             raise ValueError("InstructBLIPModule needs exactly one of `model` (built from YAML) or `pretrained` (folder)")
         if llm_dtype is not None:
             resolve_dtype(llm_dtype)  # fail at parse time on a typo
+        if qformer_instruction_aware is not None and pretrained is None:
+            raise ValueError("qformer_instruction_aware overrides a `pretrained` folder's Q-Former; with `model`, "
+                             "set instruction_aware in the model's qformer config")
+        self.qformer_instruction_aware = qformer_instruction_aware
         self.model = model
         self.pretrained = pretrained
         self.init_from = init_from
@@ -235,6 +250,10 @@ class InstructBLIPModule(LightningModule):
         self.paper_model = paper_model
         self.generation_overrides = dict(generation_overrides or {})
         self.reseed_every_step = reseed_every_step
+        self.fast_paths = fast_paths
+        self.compile = compile
+        self._policy: Any = None  # the PrecisionPolicy once applied
+        self._inference: InstructBLIP | None = None  # test/predict copy (bridge in the policy's dtype)
         self._base_seed: int | None = None
         # Frozen weights are not in the checkpoint: Lightning must not demand them; we check strictly ourselves.
         self.strict_loading = False
@@ -252,13 +271,46 @@ class InstructBLIPModule(LightningModule):
             from ibkit.convert.transformers_io import load_pretrained
 
             log.info("loading %s", self.pretrained)
-            model = load_pretrained(self.pretrained, dtype=self.llm_dtype)
+            model = load_pretrained(self.pretrained, dtype=self.llm_dtype, instruction_aware=self.qformer_instruction_aware)
+            model.train(self.training)  # loaded in eval mode; Lightning keeps whatever mode it finds
             if self.lora is not None:
                 model.language_model.apply_lora(self.lora)
             self.model = model
         if not self._prepared:
             self._prepare()
+        self._apply_fast_paths()
         self._share_tokenizers()
+
+    def _apply_fast_paths(self) -> None:
+        if self.fast_paths and self._policy is None:
+            from ibkit.models.precision import apply_precision_policy, default_policy
+
+            trainer = self._trainer
+            if trainer is not None and "fsdp" in type(trainer.strategy).__name__.lower():
+                raise ValueError("fast_paths: FSDP shards flat parameters of one dtype; use the strategy's "
+                                 "mixed precision (trainer.precision: bf16-mixed) instead")
+            device = trainer.strategy.root_device if trainer is not None else self.device
+            self._policy = default_policy(device, encoder_decoder=self.model.is_encoder_decoder)
+            apply_precision_policy(self.model, self._policy)
+            log.info("fast paths on %s: %s", device, self._policy.as_dict())
+        if self.compile and not getattr(self, "_compiled", False):
+            from ibkit.models.precision import compile_model
+
+            compile_model(self.model)
+            self._compiled = True
+
+    @property
+    def inference_model(self) -> InstructBLIP:
+        """The network that test/predict run: with fast paths, a copy whose bridge is stored in bf16."""
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if self._policy is None or fitting:  # validation inside fit sees the weights being trained
+            return self.model
+        if self._inference is None:
+            from ibkit.models.precision import inference_model
+
+            self._inference = inference_model(self.model, self._policy)
+        self._policy.set_mode(self._inference, training=False)
+        return self._inference
 
     def _prepare(self) -> None:
         if self.vision_dtype is not None:
@@ -345,7 +397,12 @@ class InstructBLIPModule(LightningModule):
             log.warning("step %d: empty batch (all samples skipped)", self.global_step)
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
         inputs = model_inputs(batch)
-        out = self.model(**inputs)
+        if self._policy is not None:
+            self._policy.set_mode(self.model, training=True)
+            with self._policy.autocast(self.device.type):
+                out = self.model(**inputs)
+        else:
+            out = self.model(**inputs)
         batch_size = int(inputs["input_ids"].shape[0])
         self.log("train/loss", out.loss, on_step=True, prog_bar=True, batch_size=batch_size)
         self._log_throughput(inputs, batch_size)
@@ -464,8 +521,9 @@ class InstructBLIPModule(LightningModule):
         if is_empty(batch):
             return
         inputs = self._loss_inputs(batch)
+        net = self.inference_model
         if inputs is not None:
-            out = self.model(**inputs)
+            out = net(**inputs)
             labels = inputs["labels"]
             tokens = (labels != IGNORE_INDEX).sum().to(out.loss.dtype)
             self._val["losses"][dataloader_idx].update(out.loss.detach().float(), tokens.float())
@@ -473,7 +531,7 @@ class InstructBLIPModule(LightningModule):
         run = self._val["run"]
         if run is not None:
             datamodule = self.trainer.datamodule
-            run.step(self.model, batch, self._val["names"][dataloader_idx], datamodule.llm_tokenizer,
+            run.step(net, batch, self._val["names"][dataloader_idx], datamodule.llm_tokenizer,
                      **self.generation_overrides)
 
     def _end_eval(self, prefix: str) -> dict[str, float]:
@@ -546,7 +604,7 @@ class InstructBLIPModule(LightningModule):
 
         datamodule = self.trainer.datamodule
         name = self._eval_names_for_predict()[dataloader_idx]
-        return predict_batch(self.model, batch, get_spec(name), datamodule.llm_tokenizer, self.generation_overrides)
+        return predict_batch(self.inference_model, batch, get_spec(name), datamodule.llm_tokenizer, self.generation_overrides)
 
     def _eval_names_for_predict(self) -> list[str]:
         datamodule = getattr(self.trainer, "datamodule", None)
