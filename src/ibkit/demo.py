@@ -29,14 +29,18 @@ def _ibkit(args: list[str]) -> None:
         raise SystemExit(f"ibkit {args[0]} failed with exit code {code}")
 
 
-def _common(out: Path, seed: int) -> list[str]:
-    return [f"--data.init_args.root={out}", f"--seed_everything={seed}", f"--data.init_args.data_seed={seed}"]
+def _common(out: Path, seed: int, data_seed: int | None = None, sizes: str | None = None) -> list[str]:
+    """Arguments every stage shares: the data root, the run seed and the seed the data is rendered from."""
+    args = [f"--data.init_args.root={out}", f"--seed_everything={seed}",
+            f"--data.init_args.data_seed={seed if data_seed is None else data_seed}"]
+    return args + ([f"--data.init_args.sizes={sizes}"] if sizes else [])
 
 
-def _stage(out: Path, name: str, seed: int, extra: list[str], steps: int | None) -> Path:
+def _stage(out: Path, name: str, seed: int, extra: list[str], steps: int | None, run: Path | None = None,
+           common: list[str] | None = None) -> Path:
     config = str(CONFIGS / f"{name}.yaml")
-    run = out / name
-    args = ["--config", config, *_common(out, seed), f"--trainer.default_root_dir={run}",
+    run = run or out / name
+    args = ["--config", config, *(common or _common(out, seed)), f"--trainer.default_root_dir={run}",
             f"--trainer.logger.init_args.save_dir={run}", *extra]
     if steps is not None:
         args.append(f"--trainer.max_steps={steps}")
@@ -45,9 +49,10 @@ def _stage(out: Path, name: str, seed: int, extra: list[str], steps: int | None)
     return run / "model"
 
 
-def _evaluate(out: Path, model: Path, tag: str, seed: int, max_samples: int | None) -> dict:
+def _evaluate(out: Path, model: Path, tag: str, seed: int, max_samples: int | None,
+              common: list[str] | None = None) -> dict:
     results_dir = out / "eval" / tag
-    args = ["test", "--config", str(CONFIGS / "eval.yaml"), *_common(out, seed), f"--model.pretrained={model}",
+    args = ["test", "--config", str(CONFIGS / "eval.yaml"), *(common or _common(out, seed)), f"--model.pretrained={model}",
             f"--model.results_dir={results_dir}", f"--trainer.default_root_dir={out / 'eval'}"]
     if max_samples:
         args.append(f"--data.init_args.max_eval_samples={max_samples}")
@@ -96,19 +101,21 @@ def table(results: dict) -> str:
 
 
 def run_demo(output_dir: str | Path, seed: int = 0, stage1_steps: int | None = None,
-             stage2_steps: int | None = None, max_eval_samples: int | None = None) -> dict:
+             stage2_steps: int | None = None, max_eval_samples: int | None = None, sizes: str | None = None) -> dict:
     from ibkit.data.shapes import chance_level
     from ibkit.plotting import plot_demo
 
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    common = _common(out, seed, sizes=sizes)
     stage1 = _stage(out, "stage1", seed, [f"--model.qformer_tokenizer={out / 'tokenizers' / 'qformer'}",
-                                           f"--model.llm_tokenizer={out / 'tokenizers' / 'llm'}"], stage1_steps)
-    stage2 = _stage(out, "stage2", seed, [f"--model.pretrained={stage1}"], stage2_steps)
+                                           f"--model.llm_tokenizer={out / 'tokenizers' / 'llm'}"], stage1_steps,
+                    common=common)
+    stage2 = _stage(out, "stage2", seed, [f"--model.pretrained={stage1}"], stage2_steps, common=common)
     results: dict = {
-        "stage1": _evaluate(out, stage1, "stage1", seed, max_eval_samples),
-        "stage2": _evaluate(out, stage2, "stage2", seed, max_eval_samples),
+        "stage1": _evaluate(out, stage1, "stage1", seed, max_eval_samples, common),
+        "stage2": _evaluate(out, stage2, "stage2", seed, max_eval_samples, common),
     }
     results["chance"] = {name: chance_level(name) for name in results["stage2"] if name != "shapes_vqa"}
     results["heldin_vqa_by_type"] = {tag: _vqa_by_type(out, tag) for tag in ("stage1", "stage2")}
@@ -124,6 +131,97 @@ def run_demo(output_dir: str | Path, seed: int = 0, stage1_steps: int | None = N
     return results
 
 
+# The paper's ablations of stage 2 (Table 3 in miniature): each variant is the demo's stage 2 with one
+# change, trained from the same stage-1 model, evaluated the same way.
+ABLATIONS: dict[str, tuple[str, list[str]]] = {  # run folder: (label, stage-2 arguments)
+    "default": ("default (instruction-aware, sqrt mixing)", []),
+    "blip2_qformer": ("BLIP-2 Q-Former (no instruction input)", ["--model.qformer_instruction_aware=false"]),
+    "uniform_mixing": ("uniform mixing", ["--data.init_args.mixing=uniform"]),
+}
+
+
+def summarize(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """{dataset: {"mean", "std", "min", "max", "n"}} over seeds of ``{dataset: {metric: value}}`` results.
+
+    ``std`` is the sample standard deviation (0 for one seed); datasets missing from a seed are averaged
+    over the seeds that have them.
+    """
+    values: dict[str, list[float]] = {}
+    for result in per_seed:
+        for dataset, metrics in result.items():
+            (value,) = metrics.values()
+            values.setdefault(dataset, []).append(float(value))
+    summary = {}
+    for dataset, xs in values.items():
+        mean = sum(xs) / len(xs)
+        std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+        summary[dataset] = {"mean": mean, "std": std, "min": min(xs), "max": max(xs), "n": len(xs)}
+    return summary
+
+
+def ablation_table(summaries: dict[str, dict[str, dict[str, float]]], chance: dict[str, float]) -> str:
+    names = list(summaries)
+    datasets = [d for d in ["shapes_vqa", *HELD_OUT] if any(d in summaries[n] for n in names)]
+    lines = ["| task | chance | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for dataset in datasets:
+        cells = []
+        for name in names:
+            cell = summaries[name].get(dataset)
+            cells.append("-" if cell is None else f"{cell['mean']:.3f} ± {cell['std']:.3f}")
+        level = "-" if dataset not in chance else f"{chance[dataset]:.3f}"
+        label = "shapes_vqa (held-in, val)" if dataset == "shapes_vqa" else dataset
+        lines.append(f"| {label} | {level} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), stage1_steps: int | None = None,
+                 stage2_steps: int | None = None, max_eval_samples: int | None = None,
+                 sizes: str | None = None) -> dict:
+    """Stage 1 once (seed 0), then stage 2 + 3 per ablation and seed; mean ± std over seeds.
+
+    The seed changes the training run (mixture order, initial state of the random generators) while
+    the data stays the one rendered from seed 0. Finished runs are kept: a rerun skips every
+    (variant, seed) whose ``results.json`` exists, so an interrupted ablation resumes where it stopped.
+    """
+    from ibkit.data.shapes import chance_level
+    from ibkit.plotting import plot_demo
+
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    common0 = _common(out, 0, 0, sizes)
+    stage1 = out / "stage1" / "model"
+    if not (stage1 / "config.json").exists():
+        stage1 = _stage(out, "stage1", 0, [f"--model.qformer_tokenizer={out / 'tokenizers' / 'qformer'}",
+                                            f"--model.llm_tokenizer={out / 'tokenizers' / 'llm'}"], stage1_steps,
+                        common=common0)
+    per_variant: dict[str, list[dict]] = {}
+    for folder, (name, extra) in ABLATIONS.items():
+        for seed in seeds:
+            tag = f"{folder}_seed{seed}"
+            done = out / "eval" / tag / "results.json"
+            if not done.exists():
+                common = [*_common(out, seed, 0, sizes), f"--data.init_args.seed={seed}"]
+                model = _stage(out, "stage2", seed, [f"--model.pretrained={stage1}", *extra], stage2_steps,
+                               run=out / tag, common=common)
+                _evaluate(out, model, tag, seed, max_eval_samples, common=common)
+            per_variant.setdefault(name, []).append(json.loads(done.read_text()))
+    summaries = {name: summarize(results) for name, results in per_variant.items()}
+    chance = {name: chance_level(name) for name in HELD_OUT}
+    results = {"seeds": list(seeds), "variants": {label: args for label, args in ABLATIONS.values()},
+               "ablations": summaries,
+               "per_seed": per_variant, "chance": chance, "seconds": round(time.perf_counter() - started, 1)}
+    (out / "ablation.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    (out / "ablation.md").write_text(ablation_table(summaries, chance))
+    held_out = {n: {d: v for d, v in s.items() if d in HELD_OUT} for n, s in summaries.items()}
+    plot_demo({"chance": chance, "ablations": held_out},
+              {"stage1": _curve(out / "stage1"), **{f"stage2 {label}": _curve(out / f"{folder}_seed{seeds[0]}")
+                                                    for folder, (label, _) in ABLATIONS.items()}}, out / "ablation.png")
+    print("\n" + ablation_table(summaries, chance))
+    print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / 'ablation.png'} in {results['seconds']:.0f} s")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ibkit demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="outputs/demo")
@@ -131,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1_steps", type=int, default=None, help="override configs/demo/stage1.yaml")
     parser.add_argument("--stage2_steps", type=int, default=None, help="override configs/demo/stage2.yaml")
     parser.add_argument("--max_eval_samples", type=int, default=None)
+    parser.add_argument("--ablation", action="store_true",
+                        help="run the stage-2 ablations (BLIP-2 Q-Former, uniform mixing) over --seeds instead")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of --ablation")
+    parser.add_argument("--sizes", default=None, help="split sizes of the shapes data, e.g. '{train: 64, val: 8, test: 8}'")
     args = parser.parse_args(argv)
-    run_demo(args.output_dir, args.seed, args.stage1_steps, args.stage2_steps, args.max_eval_samples)
+    if args.ablation:
+        run_ablation(args.output_dir, tuple(args.seeds), args.stage1_steps, args.stage2_steps,
+                     args.max_eval_samples, args.sizes)
+    else:
+        run_demo(args.output_dir, args.seed, args.stage1_steps, args.stage2_steps, args.max_eval_samples, args.sizes)
     return 0

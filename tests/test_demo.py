@@ -1,0 +1,43 @@
+"""``ibkit demo``: the stage-2 ablation runner and its summary over seeds (tiny sizes, a few steps)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ibkit.demo import ABLATIONS, ablation_table, run_ablation, summarize
+
+
+def test_summarize_mean_and_sample_std_over_seeds():
+    a, b = "shapes_vsr", "shapes_visdial"
+    per_seed = [{a: {"accuracy": 0.5}, b: {"mrr": 0.2}}, {a: {"accuracy": 0.7}}, {a: {"accuracy": 0.6}}]
+    summary = summarize(per_seed)
+    assert summary[a]["mean"] == pytest.approx(0.6)
+    assert summary[a]["std"] == pytest.approx(0.1)  # sample std of 0.5, 0.6, 0.7
+    assert (summary[a]["min"], summary[a]["max"], summary[a]["n"]) == (0.5, 0.7, 3)
+    assert summary[b] == {"mean": 0.2, "std": 0.0, "min": 0.2, "max": 0.2, "n": 1}
+    table = ablation_table({"x": summary, "y": {a: summary[a]}}, {a: 0.5})
+    assert f"| {a} | 0.500 | 0.600 ± 0.100 | 0.600 ± 0.100 |" in table
+    assert f"| {b} | - | 0.200 ± 0.000 | - |" in table
+
+
+def test_ablation_runs_every_variant_and_seed_and_resumes(tmp_path, capsys):
+    sizes = "{train: 12, val: 6, test: 6}"
+    results = run_ablation(tmp_path, seeds=(0, 1), stage1_steps=2, stage2_steps=2, max_eval_samples=3, sizes=sizes)
+    labels = [label for label, _ in ABLATIONS.values()]
+    assert list(results["ablations"]) == labels
+    for folder in ABLATIONS:
+        for seed in (0, 1):
+            assert (tmp_path / "eval" / f"{folder}_seed{seed}" / "results.json").is_file()
+    config = json.loads((tmp_path / "blip2_qformer_seed0" / "model" / "config.json").read_text())
+    assert config["ibkit"]["instruction_aware"] is False
+    assert json.loads((tmp_path / "default_seed0" / "model" / "config.json").read_text())["ibkit"]["instruction_aware"]
+    summary = results["ablations"][labels[0]]["shapes_vsr"]
+    assert summary["n"] == 2
+    assert (tmp_path / "ablation.png").stat().st_size > 0
+    assert "uniform mixing" in (tmp_path / "ablation.md").read_text()
+    stamp = (tmp_path / "eval" / "default_seed0" / "results.json").stat().st_mtime_ns
+    again = run_ablation(tmp_path, seeds=(0, 1), stage2_steps=2, max_eval_samples=3, sizes=sizes)  # resumes: nothing reruns
+    assert (tmp_path / "eval" / "default_seed0" / "results.json").stat().st_mtime_ns == stamp
+    assert again["ablations"] == results["ablations"]
