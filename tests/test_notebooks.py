@@ -274,3 +274,30 @@ def test_plot_demo_writes_a_two_panel_png(tmp_path):
     assert plot_demo(minimal, {"stage1": [], "stage2": []}, tmp_path / "minimal.png").stat().st_size > 0
     with pytest.raises(ValueError, match=r"curves\['stage1'\]\[0\]"):
         plot_demo(minimal, {"stage1": [(0, "x")]}, tmp_path / "bad.png")
+
+
+def test_results_notebook_adds_the_ablation_file(kernel_env):
+    """``make ablation`` writes ablation.json apart from the demo's results.json; the notebook joins them."""
+    demo = kernel_env / "demo_abl"
+    demo.mkdir()
+    results = {k: v for k, v in DEMO_RESULTS.items() if k != "ablations"}
+    (demo / "results.json").write_text(json.dumps(results))
+    ablation = {"seeds": [0, 1, 2], "ablations": {"uniform mixing": {
+        "shapes_vsr": {"mean": 0.55, "std": 0.01, "min": 0.54, "max": 0.56, "n": 3},
+        "shapes_vqa": {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5, "n": 3}}}}  # held-in: not a bar
+    (demo / "ablation.json").write_text(json.dumps(ablation))
+    curve = _write_csvlogger(demo, "stage1", [3.0, 2.0])
+    nb = run_notebook(
+        REPO / "notebooks" / "results.ipynb",
+        kernel_env,
+        {
+            "RESULTS_JSON": str(demo / "results.json"),
+            "CURVES": {"stage1": str(curve)},
+            "ABLATION_JSON": str(demo / "ablation.json"),
+            "OUT_PNG": str(kernel_env / "abl.png"),
+        },
+    )
+    text = text_output(nb)
+    assert "seeds [0, 1, 2]" in text
+    assert "| shapes_vsr | accuracy | 0.610 | 0.730 | 0.500 | 0.550 ± 0.010 |" in text
+    assert "shapes_vqa" not in text
