@@ -4,9 +4,8 @@ The policy (what ``ibkit bench`` measures as "ibkit"):
 
 * trainable parts (Q-Former, queries, projection, ``ln_vision``, LoRA) keep fp32 master weights;
   on hardware with fast bf16 the training forward runs under bf16 autocast (as Lightning's
-  ``bf16-mixed``); inference (generation, ranking) runs the stored precisions without autocast: the
-  frozen parts are bf16 already and the fp32 bridge is small (autocast would add per-op overhead to
-  every decoding step);
+  ``bf16-mixed``); inference (generation, ranking) runs without autocast, which would add per-op
+  overhead to every decoding step (see :func:`inference_model` below);
 * the frozen encoder is stored and run in bf16 with fp32 LayerNorms (LAVIS runs it in half precision),
   without autograd; the frozen LLM is stored in bf16 (LAVIS runs FlanT5 in bf16) where bf16 is fast;
 * on CPU, the EVA ViT's attention is computed explicitly (matmul, softmax, matmul): for its

@@ -309,7 +309,7 @@ class InstructBLIPModule(LightningModule):
             from ibkit.models.precision import inference_model
 
             self._inference = inference_model(self.model, self._policy)
-        self._policy.set_mode(self._inference, training=False)
+            self._policy.set_mode(self._inference, training=False)
         return self._inference
 
     def _prepare(self) -> None:
@@ -380,6 +380,10 @@ class InstructBLIPModule(LightningModule):
         if self._base_seed is None:
             self._base_seed = torch.initial_seed()  # seed_everything's seed, before any per-step reseeding
 
+    def on_fit_start(self) -> None:
+        if self._policy is not None:
+            self._policy.set_mode(self.model, training=True)  # once: nothing switches it back during fit
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.reseed_every_step:
             micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
@@ -398,7 +402,6 @@ class InstructBLIPModule(LightningModule):
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
         inputs = model_inputs(batch)
         if self._policy is not None:
-            self._policy.set_mode(self.model, training=True)
             with self._policy.autocast(self.device.type):
                 out = self.model(**inputs)
         else:
