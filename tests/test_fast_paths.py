@@ -92,6 +92,28 @@ def test_explicit_vit_attention_matches_sdpa(model, monkeypatch):
         assert ((bf16_ref(x["pixel_values"]) - reference).abs().max() / scale) < BF16_PROMPT_TOL
 
 
+
+def test_explicit_vit_attention_chunks_the_batch_without_changing_results(model, monkeypatch):
+    from ibkit.models.precision import ExplicitEVAAttention, use_explicit_attention
+
+    fast = copy.deepcopy(model)
+    use_explicit_attention(fast.vision_encoder)
+    pixels = torch.randn(5, 3, VISION["image_size"], VISION["image_size"], requires_grad=True)
+    whole = fast.vision_encoder(pixels)
+    tokens = whole.shape[1]
+    # a budget of two samples' scores: chunks of 2, 2 and 1
+    monkeypatch.setattr(ExplicitEVAAttention, "SCORE_BUDGET", 2 * VISION["num_attention_heads"] * tokens**2)
+    softmax_rows = []
+    real_softmax = torch.Tensor.softmax
+    monkeypatch.setattr(torch.Tensor, "softmax", lambda t, *a: softmax_rows.append(t.shape[0]) or real_softmax(t, *a))
+    chunked = fast.vision_encoder(pixels)
+    monkeypatch.undo()
+    assert softmax_rows[: 3] == [2, 2, 1]
+    torch.testing.assert_close(chunked, whole, **FP32)
+    grad_chunked, = torch.autograd.grad(chunked.sum(), pixels)  # still differentiable (no out= writes)
+    grad_whole, = torch.autograd.grad(whole.sum(), pixels)
+    torch.testing.assert_close(grad_chunked, grad_whole, **FP32)
+
 def test_frozen_parts_get_no_gradient_buffers_or_optimizer_state(model):
     from ibkit.training.optim import OptimSettings, build_optimizer
 
@@ -219,12 +241,28 @@ def test_bf16_policy_stores_frozen_parts_in_bf16_and_stays_within_tolerance(mode
     assert all(p.grad is None for p in fast.vision_encoder.parameters())
 
 
+def test_frozen_encoder_chunks_give_the_whole_batch_result(model):
+    pixels = torch.randn(5, 3, VISION["image_size"], VISION["image_size"])
+    chunked = copy.deepcopy(model)
+    chunked.frozen_encoder_chunk = 2
+    calls = []
+    chunked.vision_encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        torch.testing.assert_close(chunked.encode_images(pixels), model.encode_images(pixels), **FP32)
+    assert calls == [2, 2, 1]
+    policy = PrecisionPolicy(frozen_dtype="bf16", autocast_dtype="bf16", inference_encoder_chunk=2)
+    base = copy.deepcopy(model)
+    apply_precision_policy(base, policy)
+    assert inference_model(base, policy).frozen_encoder_chunk == 2 and base.frozen_encoder_chunk is None
+
+
 def test_default_policy_follows_measured_bf16_speed():
     slow = default_policy("cpu", peaks={"fp32": 1.0, "bf16": 1.2})
     assert slow.frozen_dtype is None and slow.autocast_dtype is None  # bf16 would not pay: all fp32
     fast = default_policy("cpu", peaks={"fp32": 1.0, "bf16": 4.0})
     assert fast.frozen_dtype == "bf16" and fast.autocast_dtype == "bf16"
     assert fast.llm_attention == "eager" and fast.llm_inference_attention == "sdpa" and fast.vision_attention == "explicit"
+    assert fast.inference_encoder_chunk == 2
     assert default_policy("cpu", {"fp32": 1, "bf16": 4}, encoder_decoder=False).llm_attention is None
 
 

@@ -21,6 +21,12 @@ from ibkit.models.language import LanguageModel
 from ibkit.models.qformer import QFormer, QFormerConfig
 from ibkit.models.vision.base import VisionEncoder
 
+# Logits (rows x vocabulary) one ranking chunk may hold, per device type. CPU: one short candidate at a
+# 4k-word vocabulary (the bench's "small" LLM), as transformers' candidate-by-candidate loop holds, so
+# ranking needs no more memory than that loop; small vocabularies still batch many candidates. GPUs:
+# 100 FlanT5 candidates at once (384 MiB with the fp32 copy).
+RANK_LOGIT_BUDGET = {"cpu": 1 << 16, "cuda": 1 << 26}
+
 
 @dataclass
 class InstructBLIPOutput:
@@ -51,6 +57,9 @@ class InstructBLIP(nn.Module):
         self.qformer = QFormer(qformer, encoder_width=vision_encoder.width)
         self.language_projection = nn.Linear(qformer.hidden_size, language_model.hidden_size)
         self.language_model = language_model
+        # Images per call of a frozen encoder (None: the whole batch). Smaller chunks bound the encoder's
+        # activation memory (its MLP and attention transients grow with the batch); results are unchanged.
+        self.frozen_encoder_chunk: int | None = None
 
     # -- bookkeeping ----------------------------------------------------------------------------------
     @property
@@ -73,8 +82,12 @@ class InstructBLIP(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image tokens after ``ln_vision``: (B, N, Dv). Frozen encoders run without autograd."""
         if self.vision_encoder.frozen:
+            step = self.frozen_encoder_chunk
             with torch.no_grad():
-                feats = self.vision_encoder(pixel_values)
+                if step and step < pixel_values.shape[0]:
+                    feats = torch.cat([self.vision_encoder(chunk) for chunk in pixel_values.split(step)])
+                else:
+                    feats = self.vision_encoder(pixel_values)
         else:
             feats = self.vision_encoder(pixel_values)
         return self.ln_vision(feats.to(self.ln_vision.weight.dtype))
@@ -214,13 +227,15 @@ class InstructBLIP(nn.Module):
         attention_mask: torch.Tensor | None,
         candidate_ids: torch.Tensor,
         candidate_attention_mask: torch.Tensor,
-        chunk_size: int = 16,
+        chunk_size: int | None = None,
         image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sum of log p(candidate tokens | image, prompt) for each candidate: (B, C).
 
-        ``chunk_size`` candidates per sample are decoded at once: their logits (chunk x length x vocab)
-        are the peak memory, so larger chunks trade memory for fewer, larger LLM calls.
+        ``chunk_size`` candidates per sample are decoded at once: their logits (B x chunk x length x vocab,
+        plus one fp32 copy) are the peak memory, so larger chunks trade memory for fewer, larger LLM calls.
+        By default the chunk holds at most ``RANK_LOGIT_BUDGET`` logits for the device (on CPU about as
+        many as transformers' one-candidate-at-a-time loop keeps, so ranking never needs more memory).
 
         ``candidate_ids``/``candidate_attention_mask`` are (B, C, L), right-padded; T5 candidates should end
         with EOS. The image, the Q-Former and the prompt are encoded once per sample (the T5 encoder
@@ -229,7 +244,10 @@ class InstructBLIP(nn.Module):
         """
         visual = self.visual_prompt(pixel_values, qformer_input_ids, qformer_attention_mask, image_features)
         embeds, mask = self._llm_inputs(visual, input_ids, attention_mask)
-        batch, num_cands, _ = candidate_ids.shape
+        batch, num_cands, length = candidate_ids.shape
+        if chunk_size is None:
+            budget = RANK_LOGIT_BUDGET.get(embeds.device.type, RANK_LOGIT_BUDGET["cuda"])
+            chunk_size = max(1, budget // max(1, batch * length * self.language_model.vocab_size))
         scores = []
         if self.is_encoder_decoder:
             encoder = self.language_model.base_model.get_encoder()

@@ -126,6 +126,11 @@ class LanguageModel(nn.Module):
         return self.base_model.get_input_embeddings().embedding_dim
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the output layer: the width of every logit vector."""
+        return int(self.base_model.get_output_embeddings().weight.shape[0])
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.base_model.get_input_embeddings().weight.dtype
 
