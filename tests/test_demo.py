@@ -41,3 +41,25 @@ def test_ablation_runs_every_variant_and_seed_and_resumes(tmp_path, capsys):
     again = run_ablation(tmp_path, seeds=(0, 1), stage2_steps=2, max_eval_samples=3, sizes=sizes)  # resumes: nothing reruns
     assert (tmp_path / "eval" / "default_seed0" / "results.json").stat().st_mtime_ns == stamp
     assert again["ablations"] == results["ablations"]
+
+
+def test_demo_configs_share_their_data_and_mix_unequal_held_in_sizes():
+    from pathlib import Path
+
+    import yaml
+
+    from ibkit.data.sampler import mixture_weights
+    from ibkit.data.shapes import split_sizes
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "demo"
+    data = {name: yaml.safe_load((configs / f"{name}.yaml").read_text())["data"]["init_args"]
+            for name in ("stage1", "stage2", "eval")}
+    # one rendering serves all three stages: a different root, seed or size would re-render a dataset
+    for key in ("root", "data_seed", "render_size", "sizes"):
+        assert len({json.dumps(d[key], sort_keys=True) for d in data.values()}) == 1, key
+    held_in = data["stage2"]["datasets"]
+    train = {name: split_sizes(name, data["stage2"]["sizes"])["train"] for name in held_in}
+    assert len(set(train.values())) > 1
+    sqrt, uniform = (mixture_weights(train, mode) for mode in ("sqrt", "uniform"))
+    # the mixing ablation compares two really different mixtures
+    assert max(abs(sqrt[name] - uniform[name]) for name in held_in) > 0.05
