@@ -49,6 +49,13 @@ def _stage(out: Path, name: str, seed: int, extra: list[str], steps: int | None,
     return run / "model"
 
 
+def _stage1(out: Path, seed: int, steps: int | None, common: list[str]) -> Path:
+    """Stage 1 from scratch, with the word-level tokenizers the data module builds under ``out``."""
+    tokenizers = out / "tokenizers"
+    return _stage(out, "stage1", seed, [f"--model.qformer_tokenizer={tokenizers / 'qformer'}",
+                                        f"--model.llm_tokenizer={tokenizers / 'llm'}"], steps, common=common)
+
+
 def _evaluate(out: Path, model: Path, tag: str, seed: int, max_samples: int | None,
               common: list[str] | None = None) -> dict:
     results_dir = out / "eval" / tag
@@ -109,9 +116,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, stage1_steps: int | None = N
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     common = _common(out, seed, sizes=sizes)
-    stage1 = _stage(out, "stage1", seed, [f"--model.qformer_tokenizer={out / 'tokenizers' / 'qformer'}",
-                                           f"--model.llm_tokenizer={out / 'tokenizers' / 'llm'}"], stage1_steps,
-                    common=common)
+    stage1 = _stage1(out, seed, stage1_steps, common)
     stage2 = _stage(out, "stage2", seed, [f"--model.pretrained={stage1}"], stage2_steps, common=common)
     results: dict = {
         "stage1": _evaluate(out, stage1, "stage1", seed, max_eval_samples, common),
@@ -192,9 +197,7 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), sta
     common0 = _common(out, 0, 0, sizes)
     stage1 = out / "stage1" / "model"
     if not (stage1 / "config.json").exists():
-        stage1 = _stage(out, "stage1", 0, [f"--model.qformer_tokenizer={out / 'tokenizers' / 'qformer'}",
-                                            f"--model.llm_tokenizer={out / 'tokenizers' / 'llm'}"], stage1_steps,
-                        common=common0)
+        stage1 = _stage1(out, 0, stage1_steps, common0)
     per_variant: dict[str, list[dict]] = {}
     for folder, (name, extra) in ABLATIONS.items():
         for seed in seeds:

@@ -252,6 +252,7 @@ class InstructBLIPModule(LightningModule):
         self.reseed_every_step = reseed_every_step
         self.fast_paths = fast_paths
         self.compile = compile
+        self._compiled = False
         self._policy: Any = None  # the PrecisionPolicy once applied
         self._inference: InstructBLIP | None = None  # test/predict copy (bridge in the policy's dtype)
         self._base_seed: int | None = None
@@ -293,7 +294,7 @@ class InstructBLIPModule(LightningModule):
             self._policy = default_policy(device, encoder_decoder=self.model.is_encoder_decoder)
             apply_precision_policy(self.model, self._policy)
             log.info("fast paths on %s: %s", device, self._policy.as_dict())
-        if self.compile and not getattr(self, "_compiled", False):
+        if self.compile and not self._compiled:
             from ibkit.models.precision import compile_model
 
             compile_model(self.model)
