@@ -205,6 +205,20 @@ def test_param_groups_decay_matrices_only():
     assert optimizer.defaults["betas"] == (0.9, 0.999)
 
 
+def test_throughput_counts_every_frame_of_pixels_and_of_cached_features():
+    module = InstructBLIPModule(model=tiny_model(T5_TEXT))
+    text = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    text["attention_mask"][1, 3:] = 0  # padding is not processed work
+    queries = module.model.num_query_tokens
+    width = module.model.ln_vision.normalized_shape[0]
+    image = module._count_tokens({**text, "pixel_values": torch.zeros(2, 3, 8, 8)}, batch_size=2)
+    clip = module._count_tokens({**text, "pixel_values": torch.zeros(2, 4, 3, 8, 8)}, batch_size=2)
+    cached_image = module._count_tokens({**text, "image_features": torch.zeros(2, 7, width)}, batch_size=2)
+    cached_clip = module._count_tokens({**text, "image_features": torch.zeros(2, 4, 7, width)}, batch_size=2)
+    assert image == cached_image == 2 * queries + 8
+    assert clip == cached_clip == 2 * 4 * queries + 8
+
+
 # ------------------------------------------------------------------------------------------ FSDP wrapping plan
 def _check_homogeneous(root, plan):
     units = unit_parameters(root, plan)
