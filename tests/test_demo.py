@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from ibkit.demo import ABLATIONS, ablation_table, run_ablation, summarize
 
@@ -44,10 +46,6 @@ def test_ablation_runs_every_variant_and_seed_and_resumes(tmp_path, capsys):
 
 
 def test_demo_configs_share_their_data_and_mix_unequal_held_in_sizes():
-    from pathlib import Path
-
-    import yaml
-
     from ibkit.data.sampler import mixture_weights
     from ibkit.data.shapes import split_sizes
 

@@ -92,6 +92,16 @@ class InstructBLIP(nn.Module):
             feats = self.vision_encoder(pixel_values)
         return self.ln_vision(feats.to(self.ln_vision.weight.dtype))
 
+    @staticmethod
+    def num_frames(pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None) -> int:
+        """Frames per sample of a clip batch ((B, T, C, H, W) pixels or (B, T, N, D) cached features); 0 for images.
+
+        ``image_features`` win when both are given, as in :meth:`visual_prompt`.
+        """
+        if image_features is not None:
+            return image_features.shape[1] if image_features.dim() == 4 else 0
+        return pixel_values.shape[1] if pixel_values is not None and pixel_values.dim() == 5 else 0
+
     def visual_prompt(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -107,7 +117,7 @@ class InstructBLIP(nn.Module):
         if image_features is None:
             if pixel_values is None:
                 raise ValueError("visual_prompt needs pixel_values or image_features")
-            frames = pixel_values.shape[1] if pixel_values.dim() == 5 else 0
+            frames = self.num_frames(pixel_values)
             flat = pixel_values.flatten(0, 1) if frames else pixel_values
             image_tokens = self.encode_images(flat)
         else:
@@ -116,7 +126,7 @@ class InstructBLIP(nn.Module):
                     f"image_features must be (B, N, {self.ln_vision.normalized_shape[0]}) or (B, T, N, "
                     f"{self.ln_vision.normalized_shape[0]}) encoder outputs, got {tuple(image_features.shape)}"
                 )
-            frames = image_features.shape[1] if image_features.dim() == 4 else 0
+            frames = self.num_frames(image_features=image_features)
             flat = image_features.flatten(0, 1) if frames else image_features
             image_tokens = self.ln_vision(flat.to(self.ln_vision.weight.dtype))
         if frames and qformer_input_ids is not None:

@@ -414,11 +414,7 @@ class InstructBLIPModule(LightningModule):
 
     def _count_tokens(self, inputs: dict[str, torch.Tensor], batch_size: int) -> int:
         """Positions the LLM processes: soft-prompt vectors + prompt tokens (+ decoder tokens for T5)."""
-        pixels, features = inputs.get("pixel_values"), inputs.get("image_features")
-        if pixels is not None:
-            frames = pixels.shape[1] if pixels.dim() == 5 else 1
-        else:  # cached encoder outputs: (B, N, D) images or (B, T, N, D) clips
-            frames = features.shape[1] if features is not None and features.dim() == 4 else 1
+        frames = max(1, self.model.num_frames(inputs.get("pixel_values"), inputs.get("image_features")))
         tokens = batch_size * frames * self.model.num_query_tokens
         mask = inputs.get("attention_mask")
         tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
