@@ -30,6 +30,7 @@ from ibkit.training.checkpoint import (
     persistent_keys,
 )
 from ibkit.training.optim import OptimSettings, WarmupCosineSchedule, build_optimizer
+from ibkit.training.vision_words import VisionWordHead, VisionWordSettings, vision_word_loss, word_targets
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,8 @@ class InstructBLIPModule(LightningModule):
         reseed_every_step: seed the random generators (dropout) from (run seed, step, rank) before every
             training batch, so a resumed run draws exactly what the uninterrupted run would have drawn
             (Lightning does not checkpoint RNG states, and loaders/validation consume random numbers).
+        vision_words: an auxiliary loss that trains a from-scratch vision encoder to detect the target's
+            words in its own tokens (:mod:`ibkit.training.vision_words`); needs a trainable encoder.
     """
 
     def __init__(
@@ -224,6 +227,7 @@ class InstructBLIPModule(LightningModule):
         reseed_every_step: bool = True,
         fast_paths: bool = False,
         compile: bool = False,
+        vision_words: VisionWordSettings | None = None,
     ) -> None:
         super().__init__()
         if (model is None) == (pretrained is None):
@@ -252,6 +256,8 @@ class InstructBLIPModule(LightningModule):
         self.reseed_every_step = reseed_every_step
         self.fast_paths = fast_paths
         self.compile = compile
+        self.vision_words = vision_words if vision_words is not None and vision_words.weight > 0 else None
+        self.vision_word_head: VisionWordHead | None = None
         self._compiled = False
         self._policy: Any = None  # the PrecisionPolicy once applied
         self._inference: InstructBLIP | None = None  # test/predict copy (bridge in the policy's dtype)
@@ -322,6 +328,13 @@ class InstructBLIPModule(LightningModule):
             load_initial_weights(self.model, source)
         if self.checkpoint_llm_blocks:
             self.model.language_model.enable_activation_checkpointing()
+        if self.vision_words is not None:
+            if self.model.vision_encoder.frozen:
+                raise ValueError("vision_words trains the vision encoder, which is frozen here (set the encoder's "
+                                 "frozen: false, or drop vision_words)")
+            extra = self.vision_words.buckets if self.vision_words.ngrams > 1 else 0
+            vocab = self.model.language_model.hf_config.vocab_size
+            self.vision_word_head = VisionWordHead(self.model.vision_encoder.width, vocab + extra)
         self._prepared = True
         trainable = self.model.num_parameters(trainable_only=True)
         log.info("InstructBLIP: %s parameters, %s trainable", f"{self.model.num_parameters():,}", f"{trainable:,}")
@@ -402,15 +415,35 @@ class InstructBLIPModule(LightningModule):
             log.warning("step %d: empty batch (all samples skipped)", self.global_step)
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
         inputs = model_inputs(batch)
+        batch_size = int(inputs["input_ids"].shape[0])
         if self._policy is not None:
             with self._policy.autocast(self.device.type):
-                out = self.model(**inputs)
+                loss = self._training_loss(inputs, batch_size)
         else:
-            out = self.model(**inputs)
-        batch_size = int(inputs["input_ids"].shape[0])
-        self.log("train/loss", out.loss, on_step=True, prog_bar=True, batch_size=batch_size)
+            loss = self._training_loss(inputs, batch_size)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch_size)
         self._log_throughput(inputs, batch_size)
-        return out.loss
+        return loss
+
+    def _training_loss(self, inputs: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+        """The LM loss, plus the weighted vision-word loss when it is on (one encoder pass serves both)."""
+        pixels = inputs.get("pixel_values")
+        if self.vision_word_head is None or pixels is None or "image_features" in inputs:
+            return self.model(**inputs).loss
+        frames = self.model.num_frames(pixels)
+        feats = self.model.vision_encoder(pixels.flatten(0, 1) if frames else pixels)
+        tokens = self.model.ln_vision(feats.to(self.model.ln_vision.weight.dtype))
+        if frames:
+            feats = feats.unflatten(0, (batch_size, frames))
+            tokens = tokens.reshape(batch_size, -1, tokens.shape[-1])  # every frame's tokens are instances
+        lm_loss = self.model(**{k: v for k, v in inputs.items() if k != "pixel_values"}, image_features=feats).loss
+        config = self.model.language_model.hf_config
+        special = {t for t in (config.pad_token_id, config.eos_token_id) if t is not None}
+        targets = word_targets(inputs["labels"], config.vocab_size, self.vision_words, special)
+        word_loss = vision_word_loss(self.vision_word_head, tokens, targets)
+        self.log("train/lm_loss", lm_loss, on_step=True, batch_size=batch_size)
+        self.log("train/vision_word_loss", word_loss, on_step=True, batch_size=batch_size)
+        return lm_loss + self.vision_words.weight * word_loss
 
     def _count_tokens(self, inputs: dict[str, torch.Tensor], batch_size: int) -> int:
         """Positions the LLM processes: soft-prompt vectors + prompt tokens (+ decoder tokens for T5)."""

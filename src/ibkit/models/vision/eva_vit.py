@@ -32,6 +32,20 @@ class EVAViTConfig:
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu"
     qkv_bias: bool = True
+    # () : EVA's linear patch embedding. Channels of a convolutional stem instead (Xiao et al. 2021, "Early
+    # convolutions help transformers see better"): a 3x3 convolution at full resolution, then one 3x3 stride-2
+    # convolution per further entry, then a convolution to hidden_size over what is left of the patch. For
+    # ViTs trained from scratch on little data (the demo): local nonlinear features that attention can read.
+    # Not part of transformers' layout: such a model saves and loads in ibkit only.
+    stem_channels: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.stem_channels = tuple(int(c) for c in self.stem_channels)
+        if self.stem_channels:
+            downsample = 2 ** (len(self.stem_channels) - 1)
+            if self.patch_size % downsample:
+                raise ValueError(f"stem_channels {list(self.stem_channels)} halve the resolution {downsample}x, which "
+                                 f"does not divide patch_size {self.patch_size}")
 
 
 class EVAAttention(nn.Module):
@@ -89,12 +103,28 @@ class EVABlock(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def conv_stem(channels: tuple[int, ...], hidden_size: int, patch_size: int) -> nn.Sequential:
+    """Convolutions from pixels to one ``hidden_size`` vector per ``patch_size`` square (see ``stem_channels``)."""
+    layers: list[nn.Module] = []
+    in_channels, stride = 3, 1
+    for index, out_channels in enumerate(channels):
+        step = 1 if index == 0 else 2
+        layers += [nn.Conv2d(in_channels, out_channels, 3, step, 1), nn.GELU()]
+        in_channels, stride = out_channels, stride * step
+    rest = patch_size // stride
+    layers.append(nn.Conv2d(in_channels, hidden_size, rest, rest))
+    return nn.Sequential(*layers)
+
+
 class EVAEmbeddings(nn.Module):
     def __init__(self, cfg: EVAViTConfig) -> None:
         super().__init__()
         self.patch_size = cfg.patch_size
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
-        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        self.patch_embedding: nn.Module = (
+            conv_stem(cfg.stem_channels, cfg.hidden_size, cfg.patch_size) if cfg.stem_channels
+            else nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        )
         num_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
         self.position_embedding = nn.Parameter(torch.zeros(1, num_positions, cfg.hidden_size))
 
@@ -111,7 +141,7 @@ class EVAEmbeddings(nn.Module):
         return torch.cat((cls_pos, patch_pos), dim=1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = self.patch_embedding.weight.dtype
+        dtype = self.class_embedding.dtype
         patches = self.patch_embedding(pixel_values.to(dtype))
         grid_h, grid_w = patches.shape[-2:]
         patches = patches.flatten(2).transpose(1, 2)
@@ -158,6 +188,10 @@ class EVAViT(VisionEncoder):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        if self.config.stem_channels:  # GELU stacks keep PyTorch's fan-in init (0.02 would starve the stem)
+            for module in self.embeddings.patch_embedding.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.reset_parameters()
         nn.init.trunc_normal_(self.embeddings.position_embedding, std=0.02)
         nn.init.trunc_normal_(self.embeddings.class_embedding, std=0.02)
 
