@@ -105,7 +105,8 @@ def test_module_adds_the_word_loss_and_trains_the_encoder_through_it():
         "labels": torch.tensor([[5, 6, 7, 1], [8, 9, 1, -100]]),
     }
     module.eval()  # the Q-Former's dropout off: the same forward twice
-    module.log = lambda *args, **kwargs: None  # no trainer attached
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)  # no trainer attached
     module._log_throughput = lambda *args: None
     loss = module.training_step(batch, 0)
     lm = module.model(**batch).loss
@@ -115,6 +116,8 @@ def test_module_adds_the_word_loss_and_trains_the_encoder_through_it():
         words = vision_word_loss(module.vision_word_head, tokens,
                                  word_targets(batch["labels"], T5_TEXT["vocab_size"], settings, special))
     torch.testing.assert_close(loss, lm + 0.5 * words)
+    torch.testing.assert_close(logged["train/loss"], lm)  # the curve stays the LM loss, comparable across runs
+    torch.testing.assert_close(logged["train/vision_word_loss"], words)
     stem_weight = module.model.vision_encoder.embeddings.patch_embedding[0].weight
     (grad,) = torch.autograd.grad(0.5 * vision_word_loss(
         module.vision_word_head, module.model.encode_images(batch["pixel_values"]),

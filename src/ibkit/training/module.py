@@ -418,18 +418,21 @@ class InstructBLIPModule(LightningModule):
         batch_size = int(inputs["input_ids"].shape[0])
         if self._policy is not None:
             with self._policy.autocast(self.device.type):
-                loss = self._training_loss(inputs, batch_size)
+                loss, lm_loss = self._training_loss(inputs, batch_size)
         else:
-            loss = self._training_loss(inputs, batch_size)
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch_size)
+            loss, lm_loss = self._training_loss(inputs, batch_size)
+        # train/loss is the LM loss alone, comparable between runs with and without auxiliary losses
+        self.log("train/loss", lm_loss, on_step=True, prog_bar=True, batch_size=batch_size)
         self._log_throughput(inputs, batch_size)
         return loss
 
-    def _training_loss(self, inputs: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
-        """The LM loss, plus the weighted vision-word loss when it is on (one encoder pass serves both)."""
+    def _training_loss(self, inputs: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to optimise, LM loss): the LM loss plus, when it is on, the weighted vision-word loss (one
+        encoder pass serves both)."""
         pixels = inputs.get("pixel_values")
         if self.vision_word_head is None or pixels is None or "image_features" in inputs:
-            return self.model(**inputs).loss
+            loss = self.model(**inputs).loss
+            return loss, loss
         frames = self.model.num_frames(pixels)
         feats = self.model.vision_encoder(pixels.flatten(0, 1) if frames else pixels)
         tokens = self.model.ln_vision(feats.to(self.model.ln_vision.weight.dtype))
@@ -441,9 +444,8 @@ class InstructBLIPModule(LightningModule):
         special = {t for t in (config.pad_token_id, config.eos_token_id) if t is not None}
         targets = word_targets(inputs["labels"], config.vocab_size, self.vision_words, special)
         word_loss = vision_word_loss(self.vision_word_head, tokens, targets)
-        self.log("train/lm_loss", lm_loss, on_step=True, batch_size=batch_size)
         self.log("train/vision_word_loss", word_loss, on_step=True, batch_size=batch_size)
-        return lm_loss + self.vision_words.weight * word_loss
+        return lm_loss + self.vision_words.weight * word_loss, lm_loss
 
     def _count_tokens(self, inputs: dict[str, torch.Tensor], batch_size: int) -> int:
         """Positions the LLM processes: soft-prompt vectors + prompt tokens (+ decoder tokens for T5)."""
