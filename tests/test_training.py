@@ -340,3 +340,15 @@ def test_fast_paths_switch_trains_fp32_masters_and_tests_on_a_bf16_copy(workspac
     assert all(p.dtype == torch.bfloat16 for p in infer.qformer.parameters())
     assert all(p.dtype == torch.float32 for p in net.qformer.parameters())
     assert cli.trainer.callback_metrics  # the test protocol ran on the copy
+
+
+def test_tiny_datamodule_passes_mixing_multipliers_on(workspace):
+    from ibkit.data.sampler import mixture_weights
+    from ibkit.training.tiny import TINY_TRAIN, TinyShapesDataModule
+
+    plain, weighted = (TinyShapesDataModule(root=str(workspace), multipliers=m) for m in (None, {"shapes_vqa": 2.0}))
+    for dm in (plain, weighted):
+        dm.setup("fit")
+    assert weighted.mixture["shapes_vqa"] / weighted.mixture["shapes_caption"] == pytest.approx(
+        2 * plain.mixture["shapes_vqa"] / plain.mixture["shapes_caption"])
+    assert plain.mixture == pytest.approx(mixture_weights(dict.fromkeys(TINY_TRAIN, 6), "sqrt"))

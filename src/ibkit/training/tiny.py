@@ -150,6 +150,7 @@ class TinyShapesDataModule(InstructionDataModule):
         mixing: str = "sqrt",
         train_augment: bool = False,
         eval_splits: dict[str, str] | None = None,
+        multipliers: dict[str, float] | None = None,
     ) -> None:
         root_path = Path(root)
         super().__init__(
@@ -169,6 +170,7 @@ class TinyShapesDataModule(InstructionDataModule):
             max_prompt_len=max_prompt_len,
             max_target_len=max_target_len,
             mixing=mixing,
+            multipliers=multipliers,  # per-dataset weight factors, as the paper's (OKVQA x2)
             eval_splits=eval_splits,
             train_augment=train_augment,  # shapes: a random crop would cut shapes off and change the answers
             pin_memory=False,
