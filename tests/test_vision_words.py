@@ -127,7 +127,9 @@ def test_module_adds_the_word_loss_and_trains_the_encoder_through_it():
     assert not any(k.startswith("vision_word_head") for k in module.model.state_dict())  # never exported
 
 
-def test_word_loss_refuses_a_frozen_encoder():
+def test_word_loss_refuses_a_frozen_encoder_and_bad_settings():
+    with pytest.raises(ValueError, match="ngrams >= 1"):
+        VisionWordSettings(weight=1.0, ngrams=0)
     with pytest.raises(ValueError, match="frozen"):
         InstructBLIPModule(model=_model(VISION, frozen=True), vision_words=VisionWordSettings(weight=1.0))
     assert InstructBLIPModule(model=_model(VISION, frozen=True), vision_words=VisionWordSettings()).vision_word_head is None
