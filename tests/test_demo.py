@@ -35,6 +35,9 @@ def test_ablation_runs_every_variant_and_seed_and_resumes(tmp_path, capsys):
     config = json.loads((tmp_path / "blip2_qformer_seed0" / "model" / "config.json").read_text())
     assert config["ibkit"]["instruction_aware"] is False
     assert json.loads((tmp_path / "default_seed0" / "model" / "config.json").read_text())["ibkit"]["instruction_aware"]
+    # stage 2 trained from the frozen-feature cache of the stage-1 encoder: one cache per held-in dataset
+    cached = {d.name for d in (tmp_path / "cache").iterdir() if any(d.glob("*/shard-*.safetensors"))}
+    assert {"shapes_caption", "shapes_vqa", "shapes_mcvqa"} <= cached
     summary = results["ablations"][labels[0]]["shapes_vsr"]
     assert summary["n"] == 2
     assert (tmp_path / "ablation.png").stat().st_size > 0

@@ -242,10 +242,13 @@ def test_lightning_callback_builds_on_every_rank_then_waits_for_all(tmp_path):
     from lightning.pytorch.trainer.states import TrainerFn
 
     callback = FeatureCacheCallback(str(tmp_path / "cache"), progress=False)
-    with pytest.raises(FeatureCacheError, match="cache-features"):
+    with pytest.raises(FeatureCacheError, match="no model"):
         callback.setup(trainer, SimpleNamespace(model=None), TrainerFn.FITTING)
     model = SimpleNamespace(vision_encoder=encoder())
-    callback.setup(trainer, SimpleNamespace(model=model), TrainerFn.FITTING)  # what Lightning passes
+    module = SimpleNamespace(model=None)  # a model loaded in configure_model (model.pretrained)
+    module.configure_model = lambda: setattr(module, "model", model)
+    callback.setup(trainer, module, TrainerFn.FITTING)  # what Lightning passes
+    assert module.model is model
     assert barriers == ["feature_cache"]
     assert all(isinstance(d, CachedFeatureDataset) for d in dm.train_dataset.datasets + dm.eval_datasets)
     batch = next(iter(dm.train_dataloader()))

@@ -43,11 +43,33 @@ def test_conv_stem_model_round_trips_through_an_ibkit_folder(tmp_path, caplog):
     torch.testing.assert_close(loaded.vision_encoder(pixels), model.vision_encoder(pixels))
 
 
+def test_stem_batchnorm_trains_its_statistics_round_trips_and_stays_fixed_when_frozen(tmp_path):
+    with pytest.raises(ValueError, match="stem_channels"):
+        EVAViTConfig(**dict(VISION, stem_batchnorm=True))
+    model = _model(dict(STEM, stem_batchnorm=True), frozen=False)
+    norms = [m for m in model.vision_encoder.embeddings.patch_embedding if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [n.num_features for n in norms] == [8, 16]  # after each 3x3 convolution, not after the patch one
+    model.train()
+    model.vision_encoder(torch.randn(4, 3, 30, 30) * 3 + 1)  # a training step updates the running statistics
+    assert norms[0].running_mean.abs().sum() > 0
+    model.eval()
+    model.save_pretrained(tmp_path / "bn")
+    loaded = load_pretrained(tmp_path / "bn")  # frozen on load
+    pixels = torch.randn(2, 3, 30, 30)
+    torch.testing.assert_close(loaded.vision_encoder(pixels), model.vision_encoder(pixels))
+    stats = [m.running_mean.clone() for m in loaded.vision_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    loaded.train()  # the surrounding model trains; the frozen encoder keeps its statistics
+    loaded.vision_encoder(pixels * 5)
+    after = [m.running_mean for m in loaded.vision_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(stats, after))
+
+
 def test_default_encoder_config_keeps_the_transformers_layout(tmp_path):
     import json
 
     _model(VISION, frozen=True).save_pretrained(tmp_path / "plain")
-    assert "stem_channels" not in json.loads((tmp_path / "plain" / "config.json").read_text())["vision_config"]
+    vision = json.loads((tmp_path / "plain" / "config.json").read_text())["vision_config"]
+    assert "stem_channels" not in vision and "stem_batchnorm" not in vision
 
 
 def test_word_targets_mark_words_and_distinct_word_pairs():

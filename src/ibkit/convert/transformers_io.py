@@ -58,7 +58,8 @@ def hf_config_dict(model: InstructBLIP, image_token_index: int | None = None) ->
         log.warning("the vision encoder has a convolutional stem (stem_channels %s): the folder loads in ibkit, "
                     "transformers' InstructBlip cannot load its patch embedding", list(v.stem_channels))
     else:
-        vision.pop("stem_channels")  # transformers' own layout, key for key
+        for key in ("stem_channels", "stem_batchnorm"):  # transformers' own layout, key for key
+            vision.pop(key)
     qformer = {k: getattr(q, k) for k in QFormerConfig.__dataclass_fields__ if k not in ("cross_attention_freq", "instruction_aware")}
     qformer.update(cross_attention_frequency=q.cross_attention_freq, encoder_hidden_size=v.hidden_size)
     text = model.language_model.hf_config.to_dict()

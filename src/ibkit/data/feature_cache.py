@@ -581,8 +581,11 @@ class FeatureCacheCallback(Callback):
 
     In YAML: ``trainer.callbacks: [{class_path: ibkit.data.feature_cache.FeatureCacheCallback,
     init_args: {cache_dir: cache/features}}]`` together with ``data.train_augment: false``. Missing
-    features are computed at ``setup`` on this rank's device (each rank a slice); for a model loaded
-    in ``configure_model`` (``model.pretrained``) run ``ibkit data cache-features`` first.
+    features are computed at ``setup`` on this rank's device (each rank a slice). A model that is
+    loaded in ``configure_model`` (``model.pretrained``) is loaded here already, since its encoder is
+    needed before the data loaders exist (``configure_model`` is idempotent, so Lightning's own call
+    later finds it built); under FSDP that means one unsharded copy per rank, so there prefer
+    ``ibkit data cache-features`` beforehand.
     """
 
     def __init__(
@@ -599,10 +602,13 @@ class FeatureCacheCallback(Callback):
         if datamodule is None:
             raise FeatureCacheError("FeatureCacheCallback needs a datamodule (InstructionDataModule)")
         model = getattr(pl_module, "model", None)
+        if model is None and callable(getattr(pl_module, "configure_model", None)):
+            pl_module.configure_model()  # e.g. model.pretrained: the encoder is needed now
+            model = getattr(pl_module, "model", None)
         if model is None:
             raise FeatureCacheError(
-                "FeatureCacheCallback: the model is built later (model.pretrained); run `ibkit data cache-features` "
-                "with the same configuration first, or build the model in YAML (model.model)"
+                f"FeatureCacheCallback: {type(pl_module).__name__} has no model after configure_model(); "
+                "build it in __init__ or configure_model"
             )
         encoder = model.vision_encoder
         device = trainer.strategy.root_device

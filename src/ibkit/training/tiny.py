@@ -126,7 +126,9 @@ class TinyShapesDataModule(InstructionDataModule):
     """:class:`InstructionDataModule` over a self-made tiny shapes workspace (see module docstring).
 
     ``prepare_data`` (local rank 0) renders the data (``render_size`` pixels; the loader resizes to the
-    model's ``image_size``) and writes the tokenizers under ``root``.
+    model's ``image_size``) and writes the tokenizers under ``root``. Their vocabularies come from the
+    rendered data, so ``qformer_tokenizer``/``llm_tokenizer`` (folders) override them, e.g. with a trained
+    model's own to evaluate it on data rendered from another seed.
     """
 
     def __init__(
@@ -151,6 +153,8 @@ class TinyShapesDataModule(InstructionDataModule):
         train_augment: bool = False,
         eval_splits: dict[str, str] | None = None,
         multipliers: dict[str, float] | None = None,
+        qformer_tokenizer: str | None = None,
+        llm_tokenizer: str | None = None,
     ) -> None:
         root_path = Path(root)
         super().__init__(
@@ -163,8 +167,10 @@ class TinyShapesDataModule(InstructionDataModule):
             image_size=image_size,
             seed=seed,
             max_eval_samples=max_eval_samples,
-            qformer_tokenizer=str(root_path / "tokenizers" / "qformer"),
-            llm_tokenizer=str(root_path / "tokenizers" / "llm"),
+            # the word-level vocabularies are built from the rendered data, so another root (seed, sizes)
+            # numbers words differently: evaluating a trained model there needs ITS tokenizers
+            qformer_tokenizer=qformer_tokenizer or str(root_path / "tokenizers" / "qformer"),
+            llm_tokenizer=llm_tokenizer or str(root_path / "tokenizers" / "llm"),
             is_encoder_decoder=is_encoder_decoder,
             max_qformer_len=max_qformer_len,
             max_prompt_len=max_prompt_len,

@@ -38,9 +38,14 @@ class EVAViTConfig:
     # ViTs trained from scratch on little data (the demo): local nonlinear features that attention can read.
     # Not part of transformers' layout: such a model saves and loads in ibkit only.
     stem_channels: tuple[int, ...] = ()
+    # BatchNorm after each 3x3 stem convolution, as in Xiao et al.: the stem learns shapes several times
+    # faster from scratch (running statistics serve frozen and eval use).
+    stem_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         self.stem_channels = tuple(int(c) for c in self.stem_channels)
+        if self.stem_batchnorm and not self.stem_channels:
+            raise ValueError("stem_batchnorm needs a convolutional stem (stem_channels)")
         if self.stem_channels:
             downsample = 2 ** (len(self.stem_channels) - 1)
             if self.patch_size % downsample:
@@ -103,13 +108,14 @@ class EVABlock(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-def conv_stem(channels: tuple[int, ...], hidden_size: int, patch_size: int) -> nn.Sequential:
+def conv_stem(channels: tuple[int, ...], hidden_size: int, patch_size: int, batchnorm: bool = False) -> nn.Sequential:
     """Convolutions from pixels to one ``hidden_size`` vector per ``patch_size`` square (see ``stem_channels``)."""
     layers: list[nn.Module] = []
     in_channels, stride = 3, 1
     for index, out_channels in enumerate(channels):
         step = 1 if index == 0 else 2
-        layers += [nn.Conv2d(in_channels, out_channels, 3, step, 1), nn.GELU()]
+        layers.append(nn.Conv2d(in_channels, out_channels, 3, step, 1))
+        layers += [nn.BatchNorm2d(out_channels), nn.GELU()] if batchnorm else [nn.GELU()]
         in_channels, stride = out_channels, stride * step
     rest = patch_size // stride
     layers.append(nn.Conv2d(in_channels, hidden_size, rest, rest))
@@ -122,7 +128,7 @@ class EVAEmbeddings(nn.Module):
         self.patch_size = cfg.patch_size
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.patch_embedding: nn.Module = (
-            conv_stem(cfg.stem_channels, cfg.hidden_size, cfg.patch_size) if cfg.stem_channels
+            conv_stem(cfg.stem_channels, cfg.hidden_size, cfg.patch_size, cfg.stem_batchnorm) if cfg.stem_channels
             else nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
         )
         num_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
