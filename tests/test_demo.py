@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ibkit.demo import ABLATIONS, ablation_table, run_ablation, summarize
+from ibkit.demo import ABLATIONS, CONFIGS, ablation_table, run_ablation, summarize
 
 
 def test_summarize_mean_and_sample_std_over_seeds():
@@ -42,6 +42,7 @@ def test_ablation_runs_every_variant_and_seed_and_resumes(tmp_path, capsys):
     assert summary["n"] == 2
     assert (tmp_path / "ablation.png").stat().st_size > 0
     assert "uniform mixing" in (tmp_path / "ablation.md").read_text()
+    check_fresh_questions_with_the_models_tokenizers(tmp_path / "default_seed0" / "model", tmp_path / "check")
     stamp = (tmp_path / "eval" / "default_seed0" / "results.json").stat().st_mtime_ns
     again = run_ablation(tmp_path, seeds=(0, 1), stage2_steps=2, max_eval_samples=3, sizes=sizes)  # resumes: nothing reruns
     assert (tmp_path / "eval" / "default_seed0" / "results.json").stat().st_mtime_ns == stamp
@@ -64,3 +65,25 @@ def test_demo_configs_share_their_data_and_mix_unequal_held_in_sizes():
     sqrt, uniform = (mixture_weights(train, mode) for mode in ("sqrt", "uniform"))
     # the mixing ablation compares two really different mixtures
     assert max(abs(sqrt[name] - uniform[name]) for name in held_in) > 0.05
+
+
+def check_fresh_questions_with_the_models_tokenizers(model, out):
+    """``ibkit demo --check``: fresh questions from another data seed, read with the model's tokenizers."""
+    from ibkit.cli import main
+    from ibkit.data.registry import load_samples
+    from ibkit.demo import run_heldin_check
+
+    result = run_heldin_check(model, out, questions=12, data_seed=5)
+    assert sum(r["n"] for r in result.values()) == 12
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in result.values())
+    questions = {s.question for s in load_samples("shapes_vqa", out, "val")}
+    demo_questions = {s.question for s in load_samples("shapes_vqa", model.parents[1], "val")}
+    assert questions != demo_questions
+    assert json.loads((out / "heldin_check.json").read_text())["by_type"] == result
+    # the same evaluation with the tokenizers built from the new data (other word ids) is refused, not garbage
+    args = ["test", "--config", str(CONFIGS / "eval.yaml"), f"--data.init_args.root={out}", "--data.init_args.data_seed=5",
+            "--data.init_args.sizes={train: 1, val: 1, test: 1, shapes_vqa.val: 12}",
+            "--data.init_args.eval_datasets=[shapes_vqa]", f"--model.pretrained={model}",
+            f"--model.results_dir={out / 'refused'}", "--trainer.enable_progress_bar=false"]
+    with pytest.raises(ValueError, match="other ids than the model's own"):
+        main(args)

@@ -379,12 +379,42 @@ class InstructBLIPModule(LightningModule):
         if datamodule is None or not hasattr(datamodule, "setup_tokenizers"):
             return
         if getattr(datamodule, "qformer_tokenizer", None) is not None:
+            self._check_data_tokenizers(datamodule)
             return
         if getattr(datamodule, "llm_tokenizer_path", None) or getattr(datamodule, "qformer_tokenizer_path", None):
+            if hasattr(datamodule, "_ensure_tokenizers"):  # its own folders: load them now to compare
+                if getattr(datamodule, "is_encoder_decoder", False) is None:
+                    datamodule.is_encoder_decoder = self.model.is_encoder_decoder
+                datamodule._ensure_tokenizers()
+                self._check_data_tokenizers(datamodule)
             return
         tokenizers = self.tokenizers()
         if tokenizers is not None:
             datamodule.setup_tokenizers(*tokenizers, self.model.is_encoder_decoder)
+
+    def _check_data_tokenizers(self, datamodule: Any) -> None:
+        """Refuse data tokenizers that give the model's tokens other ids: every prediction would be garbage.
+
+        Extra tokens (a pad token appended, as LAVIS does for Vicuna) are fine; a token both know under two
+        ids is not (e.g. word-level vocabularies built from differently rendered data).
+        """
+        own = self.tokenizers()
+        if own is None:
+            return
+        for role, mine, theirs, path in (
+            ("Q-Former", own[0], datamodule.qformer_tokenizer, getattr(datamodule, "qformer_tokenizer_path", None)),
+            ("LLM", own[1], getattr(datamodule, "llm_tokenizer", None), getattr(datamodule, "llm_tokenizer_path", None)),
+        ):
+            if theirs is None or theirs is mine:
+                continue
+            vocab, data_vocab = mine.get_vocab(), theirs.get_vocab()
+            moved = sorted(t for t, i in vocab.items() if data_vocab.get(t, i) != i)
+            if moved:
+                raise ValueError(
+                    f"the data's {role} tokenizer ({path or 'set by the datamodule'}) gives {len(moved)} of the model's "
+                    f"{len(vocab)} tokens other ids than the model's own (e.g. {moved[:3]}); point the data config's "
+                    f"tokenizer at the model's ({self.pretrained or self.llm_tokenizer_path}) or leave it unset"
+                )
 
     def setup(self, stage: str) -> None:
         # Atomic, weights_only checkpoint files unless the strategy was given a custom IO.
