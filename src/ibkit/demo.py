@@ -264,7 +264,7 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), sta
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ibkit demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default="outputs/demo")
+    parser.add_argument("--output_dir", default=None, help="default: outputs/demo (outputs/heldin_check with --check)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stage1_steps", type=int, default=None, help="override configs/demo/stage1.yaml")
     parser.add_argument("--stage2_steps", type=int, default=None, help="override configs/demo/stage2.yaml")
@@ -278,12 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check_questions", type=int, default=1500)
     parser.add_argument("--check_seed", type=int, default=7, help="data seed of the fresh questions (the demo's is 0)")
     args = parser.parse_args(argv)
+    output_dir = args.output_dir or ("outputs/heldin_check" if args.check else "outputs/demo")
     if args.check:
-        output_dir = "outputs/heldin_check" if args.output_dir == "outputs/demo" else args.output_dir
         run_heldin_check(args.check, output_dir, args.check_questions, args.check_seed)
     elif args.ablation:
-        run_ablation(args.output_dir, tuple(args.seeds), args.stage1_steps, args.stage2_steps,
+        run_ablation(output_dir, tuple(args.seeds), args.stage1_steps, args.stage2_steps,
                      args.max_eval_samples, args.sizes)
     else:
-        run_demo(args.output_dir, args.seed, args.stage1_steps, args.stage2_steps, args.max_eval_samples, args.sizes)
+        run_demo(output_dir, args.seed, args.stage1_steps, args.stage2_steps, args.max_eval_samples, args.sizes)
     return 0

@@ -178,7 +178,8 @@ class InstructionDataModule(LightningDataModule):
         self.qformer_tokenizer, self.llm_tokenizer = qformer_tokenizer, llm_tokenizer
         self.is_encoder_decoder = bool(is_encoder_decoder)
 
-    def _ensure_tokenizers(self) -> None:
+    def ensure_tokenizers(self) -> None:
+        """Load the tokenizers from the configured folders unless ``setup_tokenizers`` gave them."""
         if self.qformer_tokenizer is not None and self.llm_tokenizer is not None:
             if self.is_encoder_decoder is None:
                 raise ValueError("setup_tokenizers needs is_encoder_decoder")
@@ -207,7 +208,7 @@ class InstructionDataModule(LightningDataModule):
             self.is_encoder_decoder = bool(getattr(text_config, "is_encoder_decoder", False))
 
     def _collator(self, mode: str) -> InstructionCollator:
-        self._ensure_tokenizers()
+        self.ensure_tokenizers()
         return InstructionCollator(
             self.qformer_tokenizer,
             self.llm_tokenizer,

@@ -382,10 +382,10 @@ class InstructBLIPModule(LightningModule):
             self._check_data_tokenizers(datamodule)
             return
         if getattr(datamodule, "llm_tokenizer_path", None) or getattr(datamodule, "qformer_tokenizer_path", None):
-            if hasattr(datamodule, "_ensure_tokenizers"):  # its own folders: load them now to compare
+            if hasattr(datamodule, "ensure_tokenizers"):  # its own folders: load them now to compare
                 if getattr(datamodule, "is_encoder_decoder", False) is None:
                     datamodule.is_encoder_decoder = self.model.is_encoder_decoder
-                datamodule._ensure_tokenizers()
+                datamodule.ensure_tokenizers()
                 self._check_data_tokenizers(datamodule)
             return
         tokenizers = self.tokenizers()
