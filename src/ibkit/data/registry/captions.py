@@ -1,0 +1,105 @@
+"""Captioning datasets (read by ``ibkit.data.readers.captions``): COCO, CapFilt, TextCaps, NoCaps, Flickr30K."""
+
+from __future__ import annotations
+
+from ibkit.data.registry.common import COCO_IMAGES, GEN_CAPTION, PROMPT_CAPTION
+from ibkit.data.registry.spec import DatasetSpec, LazyReader
+
+SPECS: list[DatasetSpec] = [
+    # ---------------------------------------------------------------- held-in
+    DatasetSpec(
+        name="coco_caption",
+        family="image_captioning",
+        held_in=True,
+        files={
+            "train": "coco_caption/coco_karpathy_train.json",
+            "val": "coco_caption/coco_karpathy_val.json",
+            "test": "coco_caption/coco_karpathy_test.json",
+            "images": COCO_IMAGES,
+        },
+        reader=LazyReader("ibkit.data.readers.captions:read_coco_caption"),
+        splits=("train", "val", "test"),
+        eval_split="val",
+        metric="cider",
+        eval_mode="generate",
+        prompt=PROMPT_CAPTION,
+        templates="caption",
+        generation=GEN_CAPTION,
+        description="COCO Caption, Karpathy split (or captions_*2014.json)",
+    ),
+    DatasetSpec(
+        name="capfilt",
+        family="image_captioning",
+        held_in=True,
+        files={"train": "capfilt/ccs_synthetic_filtered_large.json", "images": "capfilt/images"},
+        reader=LazyReader("ibkit.data.readers.captions:read_capfilt"),
+        splits=("train",),
+        eval_split=None,
+        metric="none",
+        eval_mode="generate",
+        prompt=PROMPT_CAPTION,
+        templates="caption",
+        generation=GEN_CAPTION,
+        description="Web CapFilt (BLIP synthetic captions); images at images/<sha1(url)>.jpg",
+    ),
+    DatasetSpec(
+        name="textcaps",
+        family="image_captioning_reading_comprehension",
+        held_in=True,
+        files={
+            "train": "textcaps/TextCaps_0.1_train.json",
+            "val": "textcaps/TextCaps_0.1_val.json",
+            "test": "textcaps/TextCaps_0.1_test.json",
+            "ocr_train": "textvqa/TextVQA_Rosetta_OCR_v0.2_train.json",
+            "ocr_val": "textvqa/TextVQA_Rosetta_OCR_v0.2_val.json",
+            "ocr_test": "textvqa/TextVQA_Rosetta_OCR_v0.2_test.json",
+            "images": "textvqa/images",
+        },
+        optional=("ocr_train", "ocr_val", "ocr_test"),
+        reader=LazyReader("ibkit.data.readers.captions:read_textcaps"),
+        splits=("train", "val", "test"),
+        eval_split="val",
+        metric="cider",
+        eval_mode="generate",
+        prompt="[[OCR tokens: {ocr}. ]]" + PROMPT_CAPTION,
+        templates="caption_ocr",
+        generation=GEN_CAPTION,
+        description="TextCaps 0.1 (images and Rosetta OCR shared with TextVQA)",
+    ),
+    # ---------------------------------------------------------------- held-out
+    DatasetSpec(
+        name="nocaps",
+        family="image_captioning",
+        held_in=False,
+        files={
+            "val": "nocaps/nocaps_val_4500_captions.json",
+            "test": "nocaps/nocaps_test_image_info.json",
+            "images": "nocaps/images",
+        },
+        reader=LazyReader("ibkit.data.readers.captions:read_nocaps"),
+        splits=("val", "test"),
+        eval_split="val",
+        metric="cider",
+        eval_mode="generate",
+        prompt=PROMPT_CAPTION,
+        templates="caption",
+        generation=GEN_CAPTION,
+        description="NoCaps (images at images/<split>/<open_images_id>.jpg)",
+    ),
+    DatasetSpec(
+        name="flickr30k",
+        family="image_captioning",
+        held_in=False,
+        files={s: "flickr30k/dataset_flickr30k.json" for s in ("train", "val", "test")}
+        | {"images": "flickr30k/flickr30k-images"},
+        reader=LazyReader("ibkit.data.readers.captions:read_flickr30k"),
+        splits=("train", "val", "test"),
+        eval_split="test",
+        metric="cider",
+        eval_mode="generate",
+        prompt=PROMPT_CAPTION,
+        templates="caption",
+        generation=GEN_CAPTION,
+        description="Flickr30K, Karpathy split (dataset_flickr30k.json)",
+    ),
+]

@@ -1,0 +1,26 @@
+"""Prompts, generation settings and folders that several dataset families share.
+
+Generation settings follow LAVIS (reference/instructblip.md): length_penalty -1 is the FlanT5 value
+for short answers (Vicuna uses 0; the evaluation code may override it per LLM).
+"""
+
+from __future__ import annotations
+
+GEN_CAPTION = {"num_beams": 5, "max_new_tokens": 80, "min_new_tokens": 10, "length_penalty": 1.0}
+GEN_SHORT = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
+GEN_QUESTION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1, "length_penalty": 1.0}
+GEN_LONG = {
+    "num_beams": 5,
+    "max_new_tokens": 256,
+    "min_new_tokens": 1,
+    "length_penalty": 1.0,
+    "repetition_penalty": 1.5,
+}
+PROMPT_CAPTION = "A short image description:"
+PROMPT_SHORT_QA = "Question: {question} Short answer:"
+PROMPT_OCR_QA = "[[OCR tokens: {ocr}. ]]Question: {question} Short answer:"
+PROMPT_MULTIPLE_CHOICE = "Question: {question} Options: {options}. Short answer:"
+PROMPT_VQG = "Given the image, generate a question whose answer is: {answer}. Question:"
+PROMPT_LLAVA = "[[{context}\n]]{question}"
+
+COCO_IMAGES = "coco/images"  # holds train2014/ val2014/ (VQAv2, OKVQA, COCO Caption) and train2017/ val2017/

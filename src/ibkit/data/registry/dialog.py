@@ -1,0 +1,73 @@
+"""Dialog and instruction datasets (read by ``ibkit.data.readers.dialog``): LLaVA-Instruct-150K
+(held-in, training only) and Visual Dialog (held-out)."""
+
+from __future__ import annotations
+
+from ibkit.data.registry.common import COCO_IMAGES, GEN_LONG, PROMPT_LLAVA
+from ibkit.data.registry.spec import DatasetSpec, LazyReader
+
+SPECS: list[DatasetSpec] = [
+    # ---------------------------------------------------------------- held-in
+    DatasetSpec(
+        name="llava_conversation",
+        family="llava_visual_instruction",
+        held_in=True,
+        files={"train": "llava_instruct/conversation_58k.json", "images": COCO_IMAGES},
+        reader=LazyReader("ibkit.data.readers.dialog:read_llava_conversation"),
+        splits=("train",),
+        eval_split=None,
+        metric="none",
+        eval_mode="generate",
+        prompt=PROMPT_LLAVA,
+        templates="llava",
+        generation=GEN_LONG,
+        description="LLaVA-Instruct-150K conversations (every turn a sample, earlier turns as context)",
+    ),
+    DatasetSpec(
+        name="llava_detail",
+        family="llava_visual_instruction",
+        held_in=True,
+        files={"train": "llava_instruct/detail_23k.json", "images": COCO_IMAGES},
+        reader=LazyReader("ibkit.data.readers.dialog:read_llava_detail"),
+        splits=("train",),
+        eval_split=None,
+        metric="none",
+        eval_mode="generate",
+        prompt=PROMPT_LLAVA,
+        templates="llava",
+        generation=GEN_LONG,
+        description="LLaVA-Instruct-150K detailed image descriptions",
+    ),
+    DatasetSpec(
+        name="llava_reasoning",
+        family="llava_visual_instruction",
+        held_in=True,
+        files={"train": "llava_instruct/complex_reasoning_77k.json", "images": COCO_IMAGES},
+        reader=LazyReader("ibkit.data.readers.dialog:read_llava_reasoning"),
+        splits=("train",),
+        eval_split=None,
+        metric="none",
+        eval_mode="generate",
+        prompt=PROMPT_LLAVA,
+        templates="llava",
+        generation=GEN_LONG,
+        description="LLaVA-Instruct-150K complex reasoning",
+    ),
+    # ---------------------------------------------------------------- held-out
+    DatasetSpec(
+        name="visdial",
+        family="visual_conversational_qa",
+        held_in=False,
+        files={s: f"visdial/visdial_1.0_{s}.json" for s in ("train", "val", "test")}
+        | {"images": "visdial/images"},
+        reader=LazyReader("ibkit.data.readers.dialog:read_visdial"),
+        splits=("train", "val", "test"),
+        eval_split="val",
+        metric="mrr",
+        eval_mode="rank",
+        prompt="Dialog history: {context} Question: {question} Short answer:",
+        templates="dialog",
+        generation={},
+        description="Visual Dialog v1.0 (rank 100 candidate answers)",
+    ),
+]
