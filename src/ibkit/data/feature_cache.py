@@ -51,11 +51,12 @@ from torch import nn
 from ibkit.data.dataset import InstructionDataset, MixtureDataset
 from ibkit.data.sample import Sample
 from ibkit.data.transforms import BadInputError
+from ibkit.models.dtypes import HALF_DTYPES
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-STORE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+STORE_DTYPES = HALF_DTYPES  # the cache stores half precision only
 DEFAULT_SHARD_BYTES = 1 << 30
 # torchvision transforms whose output depends on a random draw
 _RANDOM_TRANSFORMS = {

@@ -37,10 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ibkit.models.language import resolve_dtype
+from ibkit.models.dtypes import HALF_DTYPE_NAMES, resolve_dtype
 from ibkit.models.vision.eva_vit import EVAAttention
 
-HALF_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
 # bf16 counts as "fast" when a bf16 matmul beats fp32 by this factor
 FAST_BF16_FACTOR = 1.5

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ibkit.models.dtypes import HALF_DTYPES
 from ibkit.models.vision.base import VisionEncoder
-
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -202,7 +201,7 @@ class EVAViT(VisionEncoder):
         nn.init.trunc_normal_(self.embeddings.class_embedding, std=0.02)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = _DTYPES.get(self.compute_dtype or "")
+        dtype = HALF_DTYPES.get(self.compute_dtype or "")
         if dtype is not None and pixel_values.device.type != "meta":
             with torch.autocast(pixel_values.device.type, dtype=dtype):
                 return self._forward(pixel_values).float()

@@ -24,18 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ibkit.models.dtypes import FULL_DTYPE_NAMES, HALF_DTYPES
 from ibkit.models.vision.base import CLIP_MEAN, CLIP_STD, VisionEncoder
 
 logger = logging.getLogger(__name__)
-
-HALF_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
-FULL_DTYPES = ("fp32", "float32", "float")
 
 
 # -- helpers shared by the tower wrappers ---------------------------------------------------------------
@@ -55,11 +47,11 @@ def parse_compute_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     key = str(name).lower().removeprefix("torch.")
-    if key in FULL_DTYPES:
+    if key in FULL_DTYPE_NAMES:
         return None
     if key not in HALF_DTYPES:
         raise ValueError(
-            f"compute_dtype={name!r} is not supported; use one of {sorted(HALF_DTYPES) + list(FULL_DTYPES)} or null"
+            f"compute_dtype={name!r} is not supported; use one of {sorted(HALF_DTYPES) + list(FULL_DTYPE_NAMES)} or null"
         )
     return HALF_DTYPES[key]
 
