@@ -76,7 +76,7 @@ def test_export_writes_a_transformers_folder(tmp_path):
     from transformers import InstructBlipForConditionalGeneration
 
     from ibkit import InstructBLIP
-    from ibkit.training.tiny import prepare_tiny_workspace
+    from ibkit.shapes.datamodule import prepare_tiny_workspace
 
     workspace, run, out = tmp_path / "ws", tmp_path / "run", tmp_path / "exported"
     prepare_tiny_workspace(workspace)

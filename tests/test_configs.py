@@ -16,7 +16,8 @@ from ibkit.training.memory import LLM_ARCHITECTURES, llm_for_path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
+SHAPES_CONFIGS = ROOT / "src" / "ibkit" / "shapes" / "configs"  # the demo's, shipped as package data
+ALL_YAML = sorted(CONFIGS.rglob("*.yaml")) + sorted(SHAPES_CONFIGS.glob("*.yaml"))
 EXPERIMENTS = sorted((CONFIGS / "experiments").glob("*.yaml"))
 OVERLAYS = sorted((CONFIGS / "experiments").glob("*/*.yaml"))  # stacked on an experiment
 TRAINERS = sorted((CONFIGS / "trainer").glob("*.yaml"))
@@ -25,7 +26,7 @@ TRAINABLE_PARTS = {"qformer", "query_tokens", "language_projection", "ln_vision"
 
 
 def _rel(path: Path) -> str:
-    return str(path.relative_to(CONFIGS))
+    return str(path.relative_to(CONFIGS if path.is_relative_to(CONFIGS) else ROOT))
 
 
 def _check_class_spec(spec: dict, where: str) -> None:

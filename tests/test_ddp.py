@@ -36,7 +36,7 @@ def _val_metrics(log_dir: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one_process(tmp_path):
-    from ibkit.training.tiny import prepare_tiny_workspace
+    from ibkit.shapes.datamodule import prepare_tiny_workspace
 
     workspace = tmp_path / "ws"
     prepare_tiny_workspace(workspace)  # made once, before the processes start (no race on the files)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
-from ibkit.demo import ABLATIONS, CONFIGS, ablation_table, run_ablation, summarize
+from ibkit.shapes.demo import ABLATIONS, CONFIGS, ablation_table, run_ablation, summarize
 
 
 def test_summarize_mean_and_sample_std_over_seeds():
@@ -51,10 +50,9 @@ def test_ablation_runs_every_variant_and_seed_and_resumes(tmp_path, capsys):
 
 def test_demo_configs_share_their_data_and_mix_unequal_held_in_sizes():
     from ibkit.data.sampler import mixture_weights
-    from ibkit.data.shapes import split_sizes
+    from ibkit.shapes import split_sizes
 
-    configs = Path(__file__).resolve().parents[1] / "configs" / "demo"
-    data = {name: yaml.safe_load((configs / f"{name}.yaml").read_text())["data"]["init_args"]
+    data = {name: yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["data"]["init_args"]
             for name in ("stage1", "stage2", "eval")}
     # one rendering serves all three stages: a different root, seed or size would re-render a dataset
     for key in ("root", "data_seed", "render_size", "sizes"):
@@ -71,7 +69,7 @@ def check_fresh_questions_with_the_models_tokenizers(model, out):
     """``ibkit demo --check``: fresh questions from another data seed, read with the model's tokenizers."""
     from ibkit.cli import main
     from ibkit.data.registry import load_samples
-    from ibkit.demo import run_heldin_check
+    from ibkit.shapes.demo import run_heldin_check
 
     result = run_heldin_check(model, out, questions=12, data_seed=5)
     assert sum(r["n"] for r in result.values()) == 12

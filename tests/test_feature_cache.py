@@ -298,7 +298,7 @@ def test_cache_features_command_builds_every_dataset_of_a_config(tmp_path, capsy
             "--data.root", str(tmp_path / "tiny"), "--trainer.logger", "false"]
     assert main(args) == 0
     built = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    from ibkit.training.tiny import TINY_EVAL, TINY_TRAIN
+    from ibkit.shapes.datamodule import TINY_EVAL, TINY_TRAIN
 
     assert built == sorted(set(TINY_TRAIN) | set(TINY_EVAL))
     assert main(args) == 0  # everything cached: nothing to encode

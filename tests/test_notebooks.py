@@ -1,4 +1,4 @@
-"""Every notebook in notebooks/ runs top to bottom in a fresh kernel; ibkit.plotting draws the demo figure."""
+"""Every notebook in notebooks/ runs top to bottom in a fresh kernel; ibkit.shapes.plotting draws the demo figure."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import nbclient
 import nbformat
 import pytest
 
-from ibkit.plotting import (
+from ibkit.shapes.plotting import (
     check_results,
     load_results,
     plot_demo,

@@ -19,7 +19,9 @@ from PIL import Image
 from ibkit.data.errors import MalformedRecordError, SkipCounter
 from ibkit.data.registry import get_spec, list_specs, load_samples
 from ibkit.data.sample import Sample
-from ibkit.data.shapes import (
+from ibkit.data.templates import fill_instruction, zero_shot_instruction
+from ibkit.data.video import load_video_frames
+from ibkit.shapes import (
     NOVEL_PAIRS,
     TINY_SIZES,
     chance_level,
@@ -27,9 +29,7 @@ from ibkit.data.shapes import (
     read_shapes,
     write_tiny_shapes,
 )
-from ibkit.data.shapes_render import COLORS, SHAPES, Scene, ShapeObject, render_image
-from ibkit.data.templates import fill_instruction, zero_shot_instruction
-from ibkit.data.video import load_video_frames
+from ibkit.shapes.render import COLORS, SHAPES, Scene, ShapeObject, render_image
 
 MEDIUM = {"train": 60, "val": 20, "test": 60}
 

@@ -31,7 +31,7 @@ TINY = ROOT / "configs" / "tiny" / "fit.yaml"
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """Tiny shapes data + tokenizers, made once for the module (TinyShapesDataModule reuses them)."""
-    from ibkit.training.tiny import prepare_tiny_workspace
+    from ibkit.shapes.datamodule import prepare_tiny_workspace
 
     root = tmp_path_factory.mktemp("tiny_ws")
     prepare_tiny_workspace(root)
@@ -344,7 +344,7 @@ def test_fast_paths_switch_trains_fp32_masters_and_tests_on_a_bf16_copy(workspac
 
 def test_tiny_datamodule_passes_mixing_multipliers_on(workspace):
     from ibkit.data.sampler import mixture_weights
-    from ibkit.training.tiny import TINY_TRAIN, TinyShapesDataModule
+    from ibkit.shapes.datamodule import TINY_TRAIN, TinyShapesDataModule
 
     plain, weighted = (TinyShapesDataModule(root=str(workspace), multipliers=m) for m in (None, {"shapes_vqa": 2.0}))
     for dm in (plain, weighted):

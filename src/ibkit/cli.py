@@ -149,7 +149,7 @@ TOOLS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "convert": (_convert, "convert LAVIS InstructBLIP/BLIP-2 checkpoints to ibkit/transformers folders"),
     "export": (_export, "write a training checkpoint as a transformers-loadable model folder"),
     "bench": (_optional("ibkit.bench", "bench"), "throughput/memory benchmark"),
-    "demo": (_optional("ibkit.demo", "demo"), "interactive demo"),
+    "demo": (_optional("ibkit.shapes.demo", "demo"), "interactive demo"),
 }
 
 

@@ -3,8 +3,8 @@
 Stage 1 trains a small model from scratch on captions (every part trainable: the LM learns a language);
 stage 2 freezes its encoder and LM and instruction-tunes the Q-Former on the held-in shapes tasks;
 stage 3 evaluates both models zero-shot on the held-out tasks and sets them beside chance. Every step is
-a public ``ibkit`` command over the YAML files in ``configs/demo/``; the equivalent shell lines are
-printed so a user can run the same with real data.
+a public ``ibkit`` command over the YAML files in ``configs/`` beside this module (package data); the
+equivalent shell lines are printed so a user can run the same with real data.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import argparse
 import json
 import shlex
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package
 HELD_OUT = ["shapes_nocaps", "shapes_vsr", "shapes_iconqa", "shapes_scienceqa", "shapes_hatefulmemes",
             "shapes_visdial", "shapes_msvdqa"]
 
@@ -58,7 +59,7 @@ def _stage1(out: Path, seed: int, steps: int | None, common: list[str]) -> Path:
 
 def _stage2_args(out: Path, stage1: Path) -> list[str]:
     """Stage 2 starts from the stage-1 export; its frozen-feature cache lives beside the run's outputs."""
-    # the cache callback is the last of configs/demo/stage2.yaml's callbacks, which is what this targets
+    # the cache callback is the last of configs/stage2.yaml's callbacks, which is what this targets
     return [f"--model.pretrained={stage1}", f"--trainer.callbacks.init_args.cache_dir={out / 'cache'}"]
 
 
@@ -118,7 +119,7 @@ def run_heldin_check(model: str | Path, output_dir: str | Path = "outputs/heldin
 
 
 def _curve(run: Path) -> list[tuple[int, float]]:
-    from ibkit.plotting import read_loss_curve
+    from ibkit.shapes.plotting import read_loss_curve
 
     try:
         return read_loss_curve(run)
@@ -146,8 +147,8 @@ def table(results: dict) -> str:
 
 def run_demo(output_dir: str | Path, seed: int = 0, stage1_steps: int | None = None,
              stage2_steps: int | None = None, max_eval_samples: int | None = None, sizes: str | None = None) -> dict:
-    from ibkit.data.shapes import chance_level
-    from ibkit.plotting import plot_demo
+    from ibkit.shapes.plotting import plot_demo
+    from ibkit.shapes.specs import chance_level
 
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -225,8 +226,8 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), sta
     the data stays the one rendered from seed 0. Finished runs are kept: a rerun skips every
     (variant, seed) whose ``results.json`` exists, so an interrupted ablation resumes where it stopped.
     """
-    from ibkit.data.shapes import chance_level
-    from ibkit.plotting import plot_demo
+    from ibkit.shapes.plotting import plot_demo
+    from ibkit.shapes.specs import chance_level
 
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -262,12 +263,43 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), sta
     return results
 
 
+def demo(output_dir: str | None = None, seed: int = 0, stage1_steps: int | None = None,
+         stage2_steps: int | None = None, max_eval_samples: int | None = None, ablation: bool = False,
+         seeds: Sequence[int] = (0, 1, 2), sizes: str | None = None, check: str | None = None,
+         check_questions: int = 1500, check_seed: int = 7) -> None:
+    """The whole method end to end on the CPU: stage 1, stage 2, zero-shot evaluation beside chance.
+
+    Args:
+        output_dir: where runs, models and results go; default: outputs/demo (outputs/heldin_check with
+            ``check``).
+        seed: the run seed of the demo, also the seed its shapes data is rendered from.
+        stage1_steps: training steps of stage 1 (default: those of configs/stage1.yaml).
+        stage2_steps: training steps of stage 2 (default: those of configs/stage2.yaml).
+        max_eval_samples: evaluate at most this many samples per dataset (default: all).
+        ablation: run the stage-2 ablations (BLIP-2 Q-Former, uniform mixing) over ``seeds`` instead.
+        seeds: the seeds of ``ablation``.
+        sizes: split sizes of the shapes data, e.g. ``'{train: 64, val: 8, test: 8}'``.
+        check: instead, held-in VQA accuracy per question type of this model folder on
+            ``check_questions`` fresh questions.
+        check_questions: how many fresh questions ``check`` asks.
+        check_seed: the data seed of the fresh questions (the demo's is 0).
+    """
+    output_dir = output_dir or ("outputs/heldin_check" if check else "outputs/demo")
+    if check:
+        run_heldin_check(check, output_dir, check_questions, check_seed)
+    elif ablation:
+        run_ablation(output_dir, tuple(seeds), stage1_steps, stage2_steps, max_eval_samples, sizes)
+    else:
+        run_demo(output_dir, seed, stage1_steps, stage2_steps, max_eval_samples, sizes)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``ibkit demo`` through the old command dispatch (argparse over :func:`demo`'s options)."""
     parser = argparse.ArgumentParser(prog="ibkit demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default=None, help="default: outputs/demo (outputs/heldin_check with --check)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stage1_steps", type=int, default=None, help="override configs/demo/stage1.yaml")
-    parser.add_argument("--stage2_steps", type=int, default=None, help="override configs/demo/stage2.yaml")
+    parser.add_argument("--stage1_steps", type=int, default=None, help="override configs/stage1.yaml")
+    parser.add_argument("--stage2_steps", type=int, default=None, help="override configs/stage2.yaml")
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--ablation", action="store_true",
                         help="run the stage-2 ablations (BLIP-2 Q-Former, uniform mixing) over --seeds instead")
@@ -277,13 +309,5 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead: held-in VQA accuracy per question type of MODEL on --check_questions fresh questions")
     parser.add_argument("--check_questions", type=int, default=1500)
     parser.add_argument("--check_seed", type=int, default=7, help="data seed of the fresh questions (the demo's is 0)")
-    args = parser.parse_args(argv)
-    output_dir = args.output_dir or ("outputs/heldin_check" if args.check else "outputs/demo")
-    if args.check:
-        run_heldin_check(args.check, output_dir, args.check_questions, args.check_seed)
-    elif args.ablation:
-        run_ablation(output_dir, tuple(args.seeds), args.stage1_steps, args.stage2_steps,
-                     args.max_eval_samples, args.sizes)
-    else:
-        run_demo(output_dir, args.seed, args.stage1_steps, args.stage2_steps, args.max_eval_samples, args.sizes)
+    demo(**vars(parser.parse_args(argv)))
     return 0

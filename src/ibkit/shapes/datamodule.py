@@ -109,7 +109,7 @@ def write_tiny_tokenizers(data_root: Path, out_dir: Path, size: int = TINY_VOCAB
 def prepare_tiny_workspace(root: str | Path, seed: int = 0, image_size: int = 64,
                            sizes: dict[str, int] | None = None) -> dict[str, Path]:
     """Shapes data under ``root/shapes`` and tokenizers under ``root/tokenizers`` (idempotent)."""
-    from ibkit.data.shapes import TINY_SIZES, make_shapes
+    from ibkit.shapes.writer import TINY_SIZES, make_shapes
 
     root = Path(root)
     make_shapes(root, seed=seed, sizes=dict(sizes or TINY_SIZES), image_size=image_size, progress=False)

@@ -1,0 +1,149 @@
+"""Writing the shapes datasets to disk: ``<root>/shapes/<dataset>/`` with annotation JSON + PNG/mp4 files.
+
+Generation is seeded per (seed, dataset, split) and idempotent: a folder whose manifest matches is left
+alone, and a set is written to a scratch folder first, so a crash never leaves half a dataset behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ibkit.shapes.render import check_image_size, render_image, save_png, write_clip
+from ibkit.shapes.specs import SPECS, SUITE
+from ibkit.shapes.tasks import TASKS
+
+GENERATOR_VERSION = 1  # bump when the generated content changes: old folders then fail the manifest check
+DEFAULT_SIZES = {"train": 2000, "val": 100, "test": 200}
+TINY_SIZES = {"train": 6, "val": 3, "test": 6}
+
+
+def split_sizes(name: str, sizes: dict[str, int] | None = None) -> dict[str, int]:
+    """Samples per split of ``name``: defaults, then ``sizes[split]``, then ``sizes["<name>.<split>"]``."""
+    spec = SPECS[name]
+    sizes = dict(sizes or {})
+    for key, value in sizes.items():
+        dataset, _, split = key.rpartition(".")
+        known_split = split in (
+            SPECS[dataset].splits if dataset in SPECS else () if dataset else DEFAULT_SIZES
+        )
+        if not known_split:
+            raise ValueError(
+                f"sizes: unknown key {key!r}; use a split ({', '.join(DEFAULT_SIZES)}) or '<dataset>.<split>' "
+                "with a shapes dataset and one of its splits"
+            )
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"sizes[{key!r}] must be a non-negative integer, got {value!r}")
+    return {
+        split: sizes.get(f"{name}.{split}", sizes.get(split, DEFAULT_SIZES[split])) for split in spec.splits
+    }
+
+
+def _manifest(name: str, seed: int, image_size: int, sizes: dict[str, int]) -> dict:
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "dataset": name,
+        "seed": seed,
+        "image_size": image_size,
+        "sizes": sizes,
+    }
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _up_to_date(folder: Path, manifest: dict) -> bool:
+    spec = SPECS[manifest["dataset"]]
+    return _read_manifest(folder) == manifest and all(
+        (folder / f"{split}.json").is_file() for split in spec.splits
+    )
+
+
+def _generate(folder: Path, manifest: dict, progress: Callable[[int], object]) -> None:
+    """Write one dataset into a scratch folder and move it into place, so a crash never leaves a half set."""
+    name, seed, image_size = manifest["dataset"], manifest["seed"], manifest["image_size"]
+    spec, maker = SPECS[name], TASKS[name]
+    media = "videos" if spec.modality == "video" else "images"
+    scratch = folder.with_name(f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    for split, count in manifest["sizes"].items():
+        rng = random.Random(f"ibkit-shapes:{seed}:{name}:{split}")  # str seeds are stable across processes
+        records = []
+        for index in range(count):
+            fields, scene = maker(rng)
+            relative = f"{split}/{index:06d}." + ("mp4" if spec.modality == "video" else "png")
+            if spec.modality == "video":
+                write_clip(scene, image_size, scratch / media / relative)
+            else:
+                save_png(render_image(scene, image_size), scratch / media / relative)
+            records.append(
+                {
+                    "id": f"{name}-{split}-{index:06d}",
+                    ("video" if media == "videos" else "image"): relative,
+                    **fields,
+                    "scene": scene.to_json(),
+                }
+            )
+            progress(1)
+        info = {"dataset": name, "split": split, "seed": seed, "image_size": image_size, "media": media}
+        (scratch / media).mkdir(parents=True, exist_ok=True)
+        (scratch / f"{split}.json").write_text(json.dumps({"info": info, "records": records}))
+    (scratch / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    if folder.exists():
+        shutil.rmtree(folder)
+    try:
+        scratch.rename(folder)
+    except OSError:
+        if not _up_to_date(folder, manifest):  # lost a race against another process writing the same set
+            raise
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def make_shapes(
+    root: Path,
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+    image_size: int = 64,
+    *,
+    names: Iterable[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Generate the shapes datasets under ``<root>/shapes/<name>/``; returns name -> folder.
+
+    Idempotent: a dataset whose manifest (generator version, seed, image size, split sizes) matches
+    is left alone; a different manifest regenerates it. ``sizes`` maps a split (``"train"``) or
+    ``"<dataset>.<split>"`` to a sample count (defaults: DEFAULT_SIZES).
+    """
+    from tqdm import tqdm
+
+    check_image_size(image_size)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    selected = list(names) if names is not None else list(SPECS)
+    unknown = [name for name in selected if name not in SPECS]
+    if unknown:
+        raise KeyError(f"unknown shapes dataset(s) {unknown}; known: {', '.join(SPECS)}")
+    base = Path(root).expanduser() / SUITE
+    manifests = {name: _manifest(name, seed, image_size, split_sizes(name, sizes)) for name in selected}
+    todo = [name for name in selected if not _up_to_date(base / name, manifests[name])]
+    total = sum(sum(manifests[name]["sizes"].values()) for name in todo)
+    with tqdm(total=total, desc="generating shapes", unit="sample", disable=not progress or not todo) as bar:
+        for name in todo:
+            bar.set_postfix_str(name)
+            base.mkdir(parents=True, exist_ok=True)
+            _generate(base / name, manifests[name], bar.update)
+    return {name: base / name for name in selected}
+
+
+def write_tiny_shapes(root: Path, seed: int = 0, image_size: int = 64) -> dict[str, Path]:
+    """A few samples of every shapes dataset (for other modules' tests)."""
+    return make_shapes(root, seed=seed, sizes=dict(TINY_SIZES), image_size=image_size, progress=False)
+
