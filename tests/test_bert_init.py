@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import minilm_dir
 
-from ibkit.models.bert_init import init_qformer_from_bert, qformer_from_bert
+from ibkit.convert.bert_init import init_qformer_from_bert, qformer_from_bert
 from ibkit.models.qformer import QFormer, QFormerConfig
 
 BERT = dict(

@@ -11,7 +11,6 @@ from tiny_models import NUM_QUERIES, QFORMER, T5_TEXT, VISION, hf_inputs, with_p
 
 from ibkit import InstructBLIP, LanguageModel
 from ibkit.bench.runner import build_transformers
-from ibkit.convert.transformers_io import qformer_config_from_hf
 from ibkit.models import EVAViT, EVAViTConfig
 from ibkit.models.precision import (
     PrecisionPolicy,
@@ -20,6 +19,7 @@ from ibkit.models.precision import (
     default_policy,
     inference_model,
 )
+from ibkit.models.transformers_io import qformer_config_from_hf
 
 FP32 = dict(rtol=1e-4, atol=1e-4)
 # bf16 policy (frozen encoder + LLM stored in bf16, bf16 autocast): documented in docs/bench.md

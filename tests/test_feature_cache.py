@@ -12,7 +12,6 @@ from PIL import Image
 from tiny_models import NUM_QUERIES, QFORMER, T5_TEXT
 
 from ibkit import InstructBLIP, LanguageModel
-from ibkit.convert.transformers_io import qformer_config_from_hf
 from ibkit.data.dataset import InstructionDataset
 from ibkit.data.feature_cache import (
     CachedFeatureDataset,
@@ -27,6 +26,7 @@ from ibkit.data.feature_cache import (
 from ibkit.data.sample import Sample
 from ibkit.data.transforms import eval_transform, train_transform
 from ibkit.models import EVAViT, EVAViTConfig
+from ibkit.models.transformers_io import qformer_config_from_hf
 
 IMAGE = 16
 VISION = EVAViTConfig(

@@ -25,8 +25,8 @@ from tiny_models import (
 
 from ibkit import InstructBLIP, LanguageModel
 from ibkit.convert.lavis import lavis_processor, load_lavis, load_lavis_with_report, main
-from ibkit.convert.transformers_io import qformer_config_from_hf
 from ibkit.models import EVAViT, EVAViTConfig
+from ibkit.models.transformers_io import qformer_config_from_hf
 
 QCFG = qformer_config_from_hf(QFORMER)
 VCFG = EVAViTConfig(**VISION)
@@ -339,10 +339,12 @@ def test_cli_converts_to_a_transformers_directory(flant5_files, tmp_path):
     torch.testing.assert_close(_logits(again), _logits(source), atol=1e-5, rtol=1e-5)
 
 
-def test_from_lavis_classmethod(lavis_files):
+def test_lavis_files_load_through_convert_not_from_pretrained(lavis_files):
     variant, source, ckpt, vit_file, llm_dir = lavis_files
-    model = InstructBLIP.from_lavis(ckpt, vit_file, llm_dir, variant=variant, vision_config=VCFG, qformer_config=QCFG)
+    model = load_lavis(ckpt, vit_file, llm_dir, variant=variant, vision_config=VCFG, qformer_config=QCFG)
     torch.testing.assert_close(_logits(model), _logits(source), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="ibkit.convert.lavis.load_lavis"):
+        InstructBLIP.from_pretrained(ckpt)
 
 
 def test_qformer_tokenizer_must_fit_the_checkpoint(flant5_files):

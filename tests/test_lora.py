@@ -18,9 +18,9 @@ from tiny_models import (
 )
 
 from ibkit import InstructBLIP, LanguageModel
-from ibkit.convert.transformers_io import qformer_config_from_hf
 from ibkit.models import EVAViT, EVAViTConfig, LoraSettings, QFormerConfig
 from ibkit.models.lora import apply_qformer_lora, has_lora, merge_lora_modules, merged_copy
+from ibkit.models.transformers_io import qformer_config_from_hf
 
 TEXTS = {"t5": T5_TEXT, "llama": LLAMA_TEXT}
 LLM_TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}

@@ -7,8 +7,8 @@ import torch
 from tiny_models import LLAMA_TEXT, NUM_QUERIES, QFORMER, T5_TEXT, VISION, hf_inputs
 
 from ibkit import InstructBLIP, LanguageModel, QFormerConfig
-from ibkit.convert.transformers_io import qformer_config_from_hf
 from ibkit.models import EVAViT, EVAViTConfig
+from ibkit.models.transformers_io import qformer_config_from_hf
 
 
 def tiny_model(text: dict, instruction_aware: bool = True, seed: int = 0, qformer_vocab: int | None = None) -> InstructBLIP:
@@ -155,7 +155,7 @@ def test_paper_size_trainable_count_on_meta_device():
 
 def test_pretrained_loads_in_the_other_qformer_mode(tmp_path):
     """The BLIP-2 ablation starts from an InstructBLIP folder: the text-only weights are dropped, the rest kept."""
-    from ibkit.convert.transformers_io import load_pretrained
+    from ibkit.models.transformers_io import load_pretrained
 
     source = tiny_model(T5_TEXT)
     source.save_pretrained(tmp_path / "instructblip")

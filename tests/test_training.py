@@ -10,10 +10,11 @@ import torch
 from tiny_models import LLAMA_TEXT, NUM_QUERIES, QFORMER, T5_TEXT, VISION
 
 from ibkit import InstructBLIP, LanguageModel
-from ibkit.convert.transformers_io import qformer_config_from_hf
 from ibkit.models import EVAViT, EVAViTConfig, LoraSettings
 from ibkit.models.qformer import QFormerLayer
-from ibkit.training.checkpoint import atomic_torch_save, persistent_keys
+from ibkit.models.state import persistent_keys
+from ibkit.models.transformers_io import qformer_config_from_hf
+from ibkit.training.checkpoint import atomic_torch_save
 from ibkit.training.fsdp import (
     block_classes,
     instructblip_wrap_plan,

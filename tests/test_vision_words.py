@@ -7,8 +7,8 @@ import torch
 from tiny_models import NUM_QUERIES, QFORMER, T5_TEXT, VISION
 
 from ibkit import InstructBLIP, LanguageModel
-from ibkit.convert.transformers_io import load_pretrained, qformer_config_from_hf
 from ibkit.models import EVAViT, EVAViTConfig
+from ibkit.models.transformers_io import load_pretrained, qformer_config_from_hf
 from ibkit.training.module import InstructBLIPModule
 from ibkit.training.vision_words import VisionWordHead, VisionWordSettings, vision_word_loss, word_targets
 

@@ -1,4 +1,10 @@
-"""Images + text -> model inputs: the eval image transform and both tokenizers in one object."""
+"""Images + text -> model inputs: the eval image transform and both tokenizers in one object.
+
+The Processor owns the tokenizers: it finds and loads them for a model (:meth:`Processor.for_model`),
+saves them with it, and checks that a datamodule's own tokenizers number the model's tokens alike
+(:meth:`Processor.check_data_tokenizers`). Text goes through :func:`ibkit.data.tokenize.tokenize_prompts`,
+the function the training collator uses too.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,29 @@ from typing import Any
 
 import torch
 
+from ibkit.data.tokenize import (
+    QFORMER_TOKENIZER_DIR,
+    nested_qformer_tokenizer,
+    pad_id,
+    pad_rows,
+    row_mask,
+    tokenize_prompts,
+)
 from ibkit.data.transforms import eval_transform
 from ibkit.models.vision.base import CLIP_MEAN, CLIP_STD
+
+#: BLIP-2's decoder token, added to bert-base-uncased as BOS (LAVIS's ``init_tokenizer``)
+DEC_TOKEN = "[DEC]"
+
+
+def load_qformer_tokenizer(folder: str | Path) -> Any:
+    """bert-base-uncased's tokenizer plus ``[DEC]`` (as BOS), truncating on the left, as in LAVIS."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, truncation_side="left")
+    if DEC_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"bos_token": DEC_TOKEN})
+    return tok
 
 
 class Processor:
@@ -17,6 +44,7 @@ class Processor:
 
     Both texts are truncated on the left (the end of an instruction matters most), 128 tokens each.
     The LLM prompt carries no image placeholder tokens: the model prepends the visual vectors itself.
+    ``source`` names where the tokenizers came from (for error messages).
     """
 
     def __init__(
@@ -28,6 +56,7 @@ class Processor:
         std: tuple[float, float, float] = CLIP_STD,
         max_qformer_length: int = 128,
         max_prompt_length: int = 128,
+        source: str | None = None,
     ) -> None:
         self.qformer_tokenizer = qformer_tokenizer
         self.llm_tokenizer = llm_tokenizer
@@ -35,6 +64,7 @@ class Processor:
         self.max_qformer_length = max_qformer_length
         self.max_prompt_length = max_prompt_length
         self.image_transform = eval_transform(image_size, mean, std)
+        self.source = source
 
     def images(self, images: Any) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.dim() in (4, 5):
@@ -44,12 +74,11 @@ class Processor:
         return torch.stack([self.image_transform(img.convert("RGB") if hasattr(img, "convert") else img) for img in images])
 
     def tokenize(self, tokenizer: Any, text: list[str], max_length: int, padding_side: str) -> dict[str, torch.Tensor]:
-        tokenizer.truncation_side = "left"
-        tokenizer.padding_side = padding_side
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        enc = tokenizer(text, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        """Each text inside the tokenizer's special tokens, cut on the left, padded to the longest."""
+        rows = tokenize_prompts(tokenizer, text, max_length)
+        left = padding_side == "left"
+        pad = pad_id(tokenizer, "prompt", allow_eos=True)
+        return {"input_ids": pad_rows(rows, pad, left), "attention_mask": row_mask(rows, left)}
 
     def __call__(self, images: Any = None, text: str | list[str] | None = None, padding_side: str = "right") -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -68,7 +97,7 @@ class Processor:
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
         self.llm_tokenizer.save_pretrained(directory)
-        self.qformer_tokenizer.save_pretrained(directory / "qformer_tokenizer")
+        self.qformer_tokenizer.save_pretrained(directory / QFORMER_TOKENIZER_DIR)
         (directory / "preprocessor_config.json").write_text(
             json.dumps(
                 {
@@ -91,10 +120,11 @@ class Processor:
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> Processor:
         from transformers import AutoTokenizer
 
+        kwargs.setdefault("source", str(path))
         directory = Path(path)
-        qformer_dir = directory / "qformer_tokenizer"
-        if not qformer_dir.is_dir():
-            raise FileNotFoundError(f"{directory}: no qformer_tokenizer/ folder (InstructBlipProcessor layout)")
+        qformer_dir = nested_qformer_tokenizer(directory)
+        if qformer_dir is None:
+            raise FileNotFoundError(f"{directory}: no {QFORMER_TOKENIZER_DIR}/ folder (InstructBlipProcessor layout)")
         image_size, mean, std = 224, CLIP_MEAN, CLIP_STD
         pre = directory / "preprocessor_config.json"
         if pre.exists():
@@ -110,3 +140,58 @@ class Processor:
             std=std,
             **kwargs,
         )
+
+    # -- the tokenizers of a model ---------------------------------------------------------------------
+    @classmethod
+    def for_model(
+        cls,
+        model: Any,
+        qformer_tokenizer: str | None = None,
+        llm_tokenizer: str | None = None,
+        pretrained: str | None = None,
+    ) -> Processor | None:
+        """The Processor of ``model`` (image settings from its encoder), None when no tokenizers are known.
+
+        Tokenizers come from the named folders (the Q-Former's gets ``[DEC]``; the LLM's defaults to the
+        folder the LLM was loaded from), else from the ``pretrained`` model folder's InstructBlipProcessor
+        layout.
+        """
+        from transformers import AutoTokenizer
+
+        llm_path = llm_tokenizer
+        if llm_path is None:
+            source = getattr(model.language_model.hf_config, "_name_or_path", "") or ""
+            llm_path = source if source and Path(source).is_dir() else None
+        if qformer_tokenizer and llm_path:
+            tokenizers = (load_qformer_tokenizer(qformer_tokenizer), AutoTokenizer.from_pretrained(llm_path))
+        elif pretrained and nested_qformer_tokenizer(pretrained) is not None:
+            saved = cls.from_pretrained(pretrained)
+            tokenizers = (saved.qformer_tokenizer, saved.llm_tokenizer)
+        else:
+            return None
+        vision = model.vision_encoder
+        return cls(*tokenizers, image_size=vision.image_size, mean=vision.mean, std=vision.std,
+                   source=pretrained or llm_tokenizer)
+
+    def check_data_tokenizers(self, qformer_tokenizer: Any, llm_tokenizer: Any,
+                              paths: tuple[str | None, str | None] = (None, None)) -> None:
+        """Refuse data tokenizers that give the model's tokens other ids: every prediction would be garbage.
+
+        Extra tokens (a pad token appended, as LAVIS does for Vicuna) are fine; a token both know under two
+        ids is not (e.g. word-level vocabularies built from differently rendered data). ``paths``: the data's
+        tokenizer folders, for the message.
+        """
+        for role, mine, theirs, path in (
+            ("Q-Former", self.qformer_tokenizer, qformer_tokenizer, paths[0]),
+            ("LLM", self.llm_tokenizer, llm_tokenizer, paths[1]),
+        ):
+            if theirs is None or theirs is mine:
+                continue
+            vocab, data_vocab = mine.get_vocab(), theirs.get_vocab()
+            moved = sorted(t for t, i in vocab.items() if data_vocab.get(t, i) != i)
+            if moved:
+                raise ValueError(
+                    f"the data's {role} tokenizer ({path or 'set by the datamodule'}) gives {len(moved)} of the model's "
+                    f"{len(vocab)} tokens other ids than the model's own (e.g. {moved[:3]}); point the data config's "
+                    f"tokenizer at the model's ({self.source}) or leave it unset"
+                )

@@ -92,7 +92,7 @@ def build_transformers(model: InstructBLIP, dtype: torch.dtype, image_token_inde
     """transformers' InstructBlipForConditionalGeneration holding ``model``'s weights, in ``dtype``."""
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
-    from ibkit.convert.transformers_io import hf_config_dict, ibkit_to_hf_state
+    from ibkit.models.transformers_io import hf_config_dict, ibkit_to_hf_state
 
     cfg = hf_config_dict(model, image_token_index=image_token_index)
     config = InstructBlipConfig(

@@ -39,6 +39,7 @@ from ibkit.models.instructblip import InstructBLIP
 from ibkit.models.language import LanguageModel, resolve_dtype
 from ibkit.models.qformer import QFormerConfig
 from ibkit.models.vision.eva_vit import EVAViT, EVAViTConfig
+from ibkit.processor import DEC_TOKEN, Processor, load_qformer_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 VARIANTS = {"flant5": ("t5_proj", "t5_model"), "vicuna": ("llm_proj", "llm_model")}
 #: LAVIS builds ``ln_vision`` as a default ``nn.LayerNorm``
 LAVIS_LN_VISION_EPS = 1e-5
-DEC_TOKEN = "[DEC]"
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _BLOCK_PARTS = {
@@ -221,22 +221,10 @@ def lavis_llm_tokenizer(llm_dir: str | Path, variant: str) -> Any:
     return AutoTokenizer.from_pretrained(llm_dir, truncation_side="left")
 
 
-def lavis_qformer_tokenizer(qformer_tokenizer_dir: str | Path) -> Any:
-    """bert-base-uncased's tokenizer plus ``[DEC]`` (as BOS), truncating on the left, as in LAVIS."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(qformer_tokenizer_dir, truncation_side="left")
-    if DEC_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"bos_token": DEC_TOKEN})
-    return tok
-
-
 def lavis_processor(llm_dir: str | Path, variant: str, qformer_tokenizer_dir: str | Path, image_size: int = 224):
     """An ``ibkit.Processor`` with the LAVIS tokenizers (saved next to a converted model)."""
-    from ibkit.processor import Processor
-
     return Processor(
-        lavis_qformer_tokenizer(qformer_tokenizer_dir), lavis_llm_tokenizer(llm_dir, variant), image_size=image_size
+        load_qformer_tokenizer(qformer_tokenizer_dir), lavis_llm_tokenizer(llm_dir, variant), image_size=image_size
     )
 
 
@@ -379,7 +367,7 @@ def load_lavis_with_report(
         _check_qformer_config(qformer_config, inferred, checkpoint)
     qcfg = qformer_config or inferred
     if qformer_tokenizer_dir is not None and qcfg.instruction_aware:
-        tok = lavis_qformer_tokenizer(qformer_tokenizer_dir)
+        tok = load_qformer_tokenizer(qformer_tokenizer_dir)
         if len(tok) != qcfg.vocab_size:
             raise ValueError(
                 f"{qformer_tokenizer_dir}: the Q-Former tokenizer has {len(tok)} tokens (with {DEC_TOKEN}) "

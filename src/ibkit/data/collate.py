@@ -24,60 +24,40 @@ from typing import Any
 
 import torch
 
+from ibkit.data.tokenize import (
+    encode_plain,
+    pad_id,
+    pad_rows,
+    row_mask,
+    special_token_frame,
+    tokenize_prompts,
+)
+
 IGNORE_INDEX = -100
 COLLATE_MODES = ("train", "generate")
-_PROBE_TEXT = "hello world"
+MODEL_INPUTS = (
+    "pixel_values",
+    "qformer_input_ids",
+    "qformer_attention_mask",
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "decoder_input_ids",
+    "decoder_attention_mask",
+    "image_features",
+)
 
 
-def _encode_plain(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text without any special tokens."""
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of ``InstructBLIP.forward`` that a collated batch carries."""
+    return {k: batch[k] for k in MODEL_INPUTS if isinstance(batch.get(k), torch.Tensor)}
 
 
-def special_token_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special ids a tokenizer puts before and after a text (BERT: [CLS] / [SEP], T5: - / </s>).
-
-    Found by tokenizing a probe with and without special tokens, so any tokenizer works without
-    knowing its class; truncation is then done here (on the content only, keeping the specials),
-    without touching the tokenizer's own truncation settings.
-    """
-    plain = tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
-    full = tokenizer(_PROBE_TEXT, add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return list(full[:start]), list(full[start + len(plain) :])
-    raise ValueError(
-        f"{type(tokenizer).__name__}: cannot locate the text inside its special tokens "
-        f"(with: {full}, without: {plain}); collation needs add_special_tokens to only add a prefix/suffix"
+def is_empty(batch: dict[str, Any]) -> bool:
+    """A batch whose every sample was skipped as bad input carries no tensors."""
+    return not isinstance(batch.get("pixel_values"), torch.Tensor) and not isinstance(
+        batch.get("image_features"), torch.Tensor
     )
-
-
-def _pad_id(tokenizer: Any, role: str, allow_eos: bool) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if allow_eos and tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    raise ValueError(
-        f"the {role} tokenizer ({type(tokenizer).__name__}) has no pad token; set one "
-        "(e.g. tokenizer.add_special_tokens({'pad_token': '[PAD]'}) and resize the embeddings)"
-    )
-
-
-def _pad(rows: list[list[int]], pad_value: int, left: bool) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if not row:
-            continue
-        if left:
-            out[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        else:
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
-def _mask(rows: list[list[int]], left: bool) -> torch.Tensor:
-    return _pad([[1] * len(r) for r in rows], 0, left)
 
 
 class InstructionCollator:
@@ -123,8 +103,8 @@ class InstructionCollator:
                 )
         if max_target_len < 2:
             raise ValueError(f"max_target_len must be >= 2 (one token + EOS), got {max_target_len}")
-        self.qformer_pad_id = _pad_id(qformer_tokenizer, "Q-Former", allow_eos=False)
-        self.llm_pad_id = _pad_id(llm_tokenizer, "LLM", allow_eos=not is_encoder_decoder)
+        self.qformer_pad_id = pad_id(qformer_tokenizer, "Q-Former", allow_eos=False)
+        self.llm_pad_id = pad_id(llm_tokenizer, "LLM", allow_eos=not is_encoder_decoder)
         if llm_tokenizer.eos_token_id is None and mode == "train":
             raise ValueError(
                 f"the LLM tokenizer ({type(llm_tokenizer).__name__}) has no EOS token to end targets"
@@ -132,52 +112,33 @@ class InstructionCollator:
         self.eos_id = llm_tokenizer.eos_token_id
 
     # ------------------------------------------------------------------------------------------ text
-    @staticmethod
-    def _frame_left_truncated(
-        contents: list[list[int]], prefix: list[int], suffix: list[int], limit: int
-    ) -> list[list[int]]:
-        room = limit - len(prefix) - len(suffix)
-        return [
-            prefix + ids[len(ids) - room :] + suffix if len(ids) > room else prefix + ids + suffix
-            for ids in contents
-        ]
-
     def _targets(self, targets: list[str]) -> list[list[int]]:
-        contents = _encode_plain(self.llm_tokenizer, targets)
+        contents = encode_plain(self.llm_tokenizer, targets)
         return [ids[: self.max_target_len - 1] + [self.eos_id] for ids in contents]
 
     def tokenize_qformer(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self._frame_left_truncated(
-            _encode_plain(self.qformer_tokenizer, instructions),
-            self.qformer_prefix,
-            self.qformer_suffix,
-            self.max_qformer_len,
-        )
-        return _pad(rows, self.qformer_pad_id, left=False), _mask(rows, left=False)
+        frame = (self.qformer_prefix, self.qformer_suffix)
+        rows = tokenize_prompts(self.qformer_tokenizer, instructions, self.max_qformer_len, frame)
+        return pad_rows(rows, self.qformer_pad_id, left=False), row_mask(rows, left=False)
 
     def tokenize_llm(self, instructions: list[str], targets: list[str] | None) -> dict[str, torch.Tensor]:
-        prompts = self._frame_left_truncated(
-            _encode_plain(self.llm_tokenizer, instructions),
-            self.llm_prefix,
-            self.llm_suffix,
-            self.max_prompt_len,
-        )
+        prompts = tokenize_prompts(self.llm_tokenizer, instructions, self.max_prompt_len, (self.llm_prefix, self.llm_suffix))
         if targets is None:  # generate mode
             left = not self.is_encoder_decoder
-            return {"input_ids": _pad(prompts, self.llm_pad_id, left), "attention_mask": _mask(prompts, left)}
+            return {"input_ids": pad_rows(prompts, self.llm_pad_id, left), "attention_mask": row_mask(prompts, left)}
         target_ids = self._targets(targets)
         if self.is_encoder_decoder:
             return {
-                "input_ids": _pad(prompts, self.llm_pad_id, left=False),
-                "attention_mask": _mask(prompts, left=False),
-                "labels": _pad(target_ids, IGNORE_INDEX, left=False),
+                "input_ids": pad_rows(prompts, self.llm_pad_id, left=False),
+                "attention_mask": row_mask(prompts, left=False),
+                "labels": pad_rows(target_ids, IGNORE_INDEX, left=False),
             }
         rows = [p + t for p, t in zip(prompts, target_ids)]
         labels = [[IGNORE_INDEX] * len(p) + t for p, t in zip(prompts, target_ids)]
         return {
-            "input_ids": _pad(rows, self.llm_pad_id, left=False),
-            "attention_mask": _mask(rows, left=False),
-            "labels": _pad(labels, IGNORE_INDEX, left=False),
+            "input_ids": pad_rows(rows, self.llm_pad_id, left=False),
+            "attention_mask": row_mask(rows, left=False),
+            "labels": pad_rows(labels, IGNORE_INDEX, left=False),
         }
 
     # ------------------------------------------------------------------------------------------ batch

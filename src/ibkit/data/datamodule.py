@@ -30,6 +30,7 @@ from ibkit.data.collate import InstructionCollator
 from ibkit.data.dataset import BadInputTally, InstructionDataset, MixtureDataset
 from ibkit.data.registry import get_spec, load_samples
 from ibkit.data.sampler import MixtureSampler, MixtureStream, describe_mixture, mixture_weights
+from ibkit.data.tokenize import nested_qformer_tokenizer
 from ibkit.data.transforms import image_transform
 from ibkit.models.vision.base import CLIP_MEAN, CLIP_STD
 
@@ -80,8 +81,8 @@ class InstructionDataModule(LightningDataModule):
         max_eval_samples: evaluate a seeded random subset of at most this many samples per dataset.
         skip_missing_eval: drop (with a warning) eval datasets whose annotation files are not under the
             data root, instead of failing: "evaluate every held-out dataset present".
-        qformer_tokenizer / llm_tokenizer: tokenizer folders, used when :meth:`setup_tokenizers` was
-            not called (``llm_tokenizer`` alone also finds an InstructBlipProcessor's ``qformer_tokenizer/``).
+        qformer_tokenizer / llm_tokenizer: the data's own tokenizer folders (``llm_tokenizer`` alone also
+            finds an InstructBlipProcessor's ``qformer_tokenizer/``); unset, the model's come through :meth:`connect`.
         is_encoder_decoder: the LLM kind; read from the LLM folder's config.json when left ``None``.
     """
 
@@ -173,8 +174,43 @@ class InstructionDataModule(LightningDataModule):
         self._base_step = 0
 
     # ------------------------------------------------------------------------------------ tokenizers
+    def connect(self, processor: Any | None, is_encoder_decoder: bool) -> dict[str, Any] | None:
+        """The one hand-over from the model (its LightningModule calls it in ``configure_model``).
+
+        ``processor`` (an ``ibkit.Processor``, None when the model names no tokenizers) carries the model's
+        tokenizers; ``is_encoder_decoder`` its LLM kind. A datamodule with tokenizers of its own (folders in
+        its config, e.g. the tiny preset's built from its data, or :meth:`setup_tokenizers`) keeps them, and
+        the processor refuses them if they number the model's tokens differently; otherwise it takes the
+        model's. Returns the text settings its batches are made with (the keyword arguments of
+        :class:`InstructionCollator` but ``mode``), None while no tokenizers are known.
+        """
+        own = self.qformer_tokenizer is not None or self.llm_tokenizer_path or self.qformer_tokenizer_path
+        if own:
+            if self.is_encoder_decoder is None:
+                self.is_encoder_decoder = is_encoder_decoder
+            self.ensure_tokenizers()
+            if processor is not None:
+                processor.check_data_tokenizers(
+                    self.qformer_tokenizer, self.llm_tokenizer, (self.qformer_tokenizer_path, self.llm_tokenizer_path)
+                )
+        elif processor is not None:
+            self.setup_tokenizers(processor.qformer_tokenizer, processor.llm_tokenizer, is_encoder_decoder)
+        else:
+            return None
+        return self.text_settings()
+
+    def text_settings(self) -> dict[str, Any]:
+        """The tokenizers, LLM kind and length limits batches are collated with."""
+        self.ensure_tokenizers()
+        return dict(
+            qformer_tokenizer=self.qformer_tokenizer,
+            llm_tokenizer=self.llm_tokenizer,
+            is_encoder_decoder=bool(self.is_encoder_decoder),
+            **self.max_lengths,
+        )
+
     def setup_tokenizers(self, qformer_tokenizer: Any, llm_tokenizer: Any, is_encoder_decoder: bool) -> None:
-        """Use these tokenizers (call it from the LightningModule's ``setup``, which runs before loaders)."""
+        """Use these tokenizers (before the loaders are made)."""
         self.qformer_tokenizer, self.llm_tokenizer = qformer_tokenizer, llm_tokenizer
         self.is_encoder_decoder = bool(is_encoder_decoder)
 
@@ -188,11 +224,12 @@ class InstructionDataModule(LightningDataModule):
 
         qformer_path = self.qformer_tokenizer_path
         if qformer_path is None and self.llm_tokenizer_path is not None:
-            nested = Path(self.llm_tokenizer_path) / "qformer_tokenizer"
-            qformer_path = str(nested) if nested.is_dir() else None
+            nested = nested_qformer_tokenizer(self.llm_tokenizer_path)
+            qformer_path = str(nested) if nested is not None else None
         if qformer_path is None or self.llm_tokenizer_path is None:
             raise ValueError(
-                "no tokenizers: call datamodule.setup_tokenizers(qformer_tok, llm_tok, is_encoder_decoder) "
+                "no tokenizers: connect the datamodule to a model (datamodule.connect(processor, is_encoder_decoder)), "
+                "call datamodule.setup_tokenizers(qformer_tok, llm_tok, is_encoder_decoder) "
                 "or set qformer_tokenizer and llm_tokenizer (folders) in the data config"
             )
         self.qformer_tokenizer = AutoTokenizer.from_pretrained(qformer_path)
@@ -208,14 +245,7 @@ class InstructionDataModule(LightningDataModule):
             self.is_encoder_decoder = bool(getattr(text_config, "is_encoder_decoder", False))
 
     def _collator(self, mode: str) -> InstructionCollator:
-        self.ensure_tokenizers()
-        return InstructionCollator(
-            self.qformer_tokenizer,
-            self.llm_tokenizer,
-            bool(self.is_encoder_decoder),
-            mode=mode,
-            **self.max_lengths,
-        )
+        return InstructionCollator(**self.text_settings(), mode=mode)
 
     # ------------------------------------------------------------------------------------ datasets
     def _load(self, name: str, split: str) -> list:

@@ -36,6 +36,17 @@ class InstructBLIPOutput:
     logits: torch.Tensor
 
 
+@dataclass
+class ImageTokens:
+    """:meth:`InstructBLIP.image_tokens`: ``features`` the encoder's output in the input's layout ((B, N, Dv)
+    or (B, T, N, Dv), what ``image_features`` takes), ``tokens`` after ``ln_vision`` with frames flattened
+    into the batch ((B*T, N, Dv)), ``frames`` per sample (0 for images)."""
+
+    features: torch.Tensor
+    tokens: torch.Tensor
+    frames: int
+
+
 class InstructBLIP(nn.Module):
     """The composite model. Components are injected, so YAML can swap any of them."""
 
@@ -79,18 +90,46 @@ class InstructBLIP(nn.Module):
         return sum(p.numel() for p in params)
 
     # -- the visual prompt ----------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image tokens after ``ln_vision``: (B, N, Dv). Frozen encoders run without autograd."""
-        if self.vision_encoder.frozen:
-            step = self.frozen_encoder_chunk
-            with torch.no_grad():
-                if step and step < pixel_values.shape[0]:
-                    feats = torch.cat([self.vision_encoder(chunk) for chunk in pixel_values.split(step)])
-                else:
-                    feats = self.vision_encoder(pixel_values)
+    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The encoder's output for (B, C, H, W) images. Frozen encoders run without autograd."""
+        if not self.vision_encoder.frozen:
+            return self.vision_encoder(pixel_values)
+        step = self.frozen_encoder_chunk
+        with torch.no_grad():
+            if step and step < pixel_values.shape[0]:
+                return torch.cat([self.vision_encoder(chunk) for chunk in pixel_values.split(step)])
+            return self.vision_encoder(pixel_values)
+
+    def image_tokens(
+        self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+    ) -> ImageTokens:
+        """The image tokens the Q-Former attends to: encoder -> ``ln_vision``, frames flattened into the batch.
+
+        ``pixel_values``: (B, C, H, W) images or (B, T, C, H, W) clips; ``image_features`` (they win): the
+        encoder's OUTPUT ((B, N, Dv) or (B, T, N, Dv)), e.g. read from the frozen-feature cache, which
+        skip the encoder but still go through ``ln_vision`` (it trains).
+        """
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("InstructBLIP needs pixel_values or image_features")
+            frames = self.num_frames(pixel_values)
+            flat = self._encode(pixel_values.flatten(0, 1) if frames else pixel_values)
+            features = flat.unflatten(0, (pixel_values.shape[0], frames)) if frames else flat
         else:
-            feats = self.vision_encoder(pixel_values)
-        return self.ln_vision(feats.to(self.ln_vision.weight.dtype))
+            if image_features.dim() not in (3, 4) or image_features.shape[-1] != self.ln_vision.normalized_shape[0]:
+                raise ValueError(
+                    f"image_features must be (B, N, {self.ln_vision.normalized_shape[0]}) or (B, T, N, "
+                    f"{self.ln_vision.normalized_shape[0]}) encoder outputs, got {tuple(image_features.shape)}"
+                )
+            frames = self.num_frames(image_features=image_features)
+            features = image_features
+            flat = image_features.flatten(0, 1) if frames else image_features
+        tokens = self.ln_vision(flat.to(self.ln_vision.weight.dtype))
+        return ImageTokens(features=features, tokens=tokens, frames=frames)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image tokens after ``ln_vision``: (B, N, Dv) (clips: (B*T, N, Dv))."""
+        return self.image_tokens(pixel_values).tokens
 
     @staticmethod
     def num_frames(pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None) -> int:
@@ -112,23 +151,11 @@ class InstructBLIP(nn.Module):
         """Projected query outputs (B, Q, D_llm); video (B, T, C, H, W) gives (B, T*Q, D_llm).
 
         ``image_features`` are the frozen encoder's OUTPUT ((B, N, Dv) or (B, T, N, Dv)), e.g. read from
-        the frozen-feature cache: they skip the encoder but still go through ``ln_vision``, which trains.
+        the frozen-feature cache: they skip the encoder but still go through ``ln_vision``, which trains
+        (see :meth:`image_tokens`).
         """
-        if image_features is None:
-            if pixel_values is None:
-                raise ValueError("visual_prompt needs pixel_values or image_features")
-            frames = self.num_frames(pixel_values)
-            flat = pixel_values.flatten(0, 1) if frames else pixel_values
-            image_tokens = self.encode_images(flat)
-        else:
-            if image_features.dim() not in (3, 4) or image_features.shape[-1] != self.ln_vision.normalized_shape[0]:
-                raise ValueError(
-                    f"image_features must be (B, N, {self.ln_vision.normalized_shape[0]}) or (B, T, N, "
-                    f"{self.ln_vision.normalized_shape[0]}) encoder outputs, got {tuple(image_features.shape)}"
-                )
-            frames = self.num_frames(image_features=image_features)
-            flat = image_features.flatten(0, 1) if frames else image_features
-            image_tokens = self.ln_vision(flat.to(self.ln_vision.weight.dtype))
+        images = self.image_tokens(pixel_values, image_features)
+        frames, image_tokens = images.frames, images.tokens
         if frames and qformer_input_ids is not None:
             # every frame sees the same instruction
             qformer_input_ids = qformer_input_ids.repeat_interleave(frames, dim=0)
@@ -325,20 +352,17 @@ class InstructBLIP(nn.Module):
     # -- persistence ----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> InstructBLIP:
-        """Load a transformers InstructBlip(Video) directory (or hub id) or an ibkit-saved directory."""
-        from ibkit.convert.transformers_io import load_pretrained
+        """Load a transformers InstructBlip(Video) directory (or hub id) or an ibkit-saved directory.
+
+        The original LAVIS ``.pth`` files are a foreign format: :func:`ibkit.convert.lavis.load_lavis`
+        (or ``ibkit convert lavis``) reads them.
+        """
+        from ibkit.models.transformers_io import load_pretrained
 
         return load_pretrained(path, **kwargs)
 
-    @classmethod
-    def from_lavis(cls, checkpoint: str | Path, vit_checkpoint: str | Path | None, llm: Any, **kwargs: Any) -> InstructBLIP:
-        """Load the original LAVIS files (see :func:`ibkit.convert.lavis.load_lavis`)."""
-        from ibkit.convert.lavis import load_lavis
-
-        return load_lavis(checkpoint, vit_checkpoint, llm, **kwargs)
-
     def save_pretrained(self, path: str | Path, processor: Any = None, merge_lora: bool = True) -> Path:
         """Write a directory that transformers' InstructBlipForConditionalGeneration loads as is."""
-        from ibkit.convert.transformers_io import save_pretrained
+        from ibkit.models.transformers_io import save_pretrained
 
         return save_pretrained(self, path, processor=processor, merge_lora=merge_lora)

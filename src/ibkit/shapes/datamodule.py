@@ -128,7 +128,8 @@ class TinyShapesDataModule(InstructionDataModule):
     ``prepare_data`` (local rank 0) renders the data (``render_size`` pixels; the loader resizes to the
     model's ``image_size``) and writes the tokenizers under ``root``. Their vocabularies come from the
     rendered data, so ``qformer_tokenizer``/``llm_tokenizer`` (folders) override them, e.g. with a trained
-    model's own to evaluate it on data rendered from another seed.
+    model's own to evaluate it on data rendered from another seed. Being its own tokenizers, they stay
+    through ``connect``, which refuses them when they number the model's tokens differently.
     """
 
     def __init__(

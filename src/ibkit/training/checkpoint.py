@@ -16,35 +16,10 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torch import nn
 
-# Wrappers (FSDP, activation checkpointing, torch.compile) insert these into parameter names; the
-# state_dict hooks of FSDP/checkpoint_wrapper strip them, so names are compared without them.
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+from ibkit.models.state import clean_name
+
 CHECKPOINT_FORMAT = 1
-
-
-def clean_name(name: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-def persistent_keys(module: nn.Module, prefix: str = "") -> set[str]:
-    """State-dict keys worth saving: trainable parameters, and persistent buffers of modules whose own
-    parameters all train (a frozen tower's buffers come back with its pretrained weights)."""
-    keys: set[str] = set()
-    for module_name, sub in module.named_modules(remove_duplicate=False):
-        base = f"{prefix}{module_name}." if module_name else prefix
-        own = [p for p in sub._parameters.values() if p is not None]
-        for name, param in sub._parameters.items():
-            if param is not None and param.requires_grad:
-                keys.add(clean_name(base + name))
-        if own and all(p.requires_grad for p in own):
-            for name, buf in sub._buffers.items():
-                if buf is not None and name not in sub._non_persistent_buffers_set:
-                    keys.add(clean_name(base + name))
-    return keys
 
 
 def filter_state_dict(state_dict: dict[str, Any], keep: set[str]) -> dict[str, Any]:

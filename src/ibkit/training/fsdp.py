@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
-from ibkit.training.checkpoint import clean_name
+from ibkit.models.state import clean_name
 
 
 def _kind(param: nn.Parameter) -> tuple[bool, torch.dtype]:

@@ -4,7 +4,9 @@ The network is an injected :class:`ibkit.InstructBLIP` (YAML ``class_path``/``in
 part) or a pretrained directory loaded in ``configure_model`` (so FSDP/DDP build it inside the
 strategy's init context). What trains is decided by the parts themselves (frozen encoder, frozen
 LLM, LoRA adapters); by default that is the paper's recipe: Q-Former, queries, projection and
-``ln_vision``.
+``ln_vision``. The rest is delegated: ``init_from`` files to :mod:`ibkit.convert.weights`, the
+tokenizers to :class:`ibkit.processor.Processor` (handed to the datamodule by its ``connect``), and
+held-out evaluation to :class:`ibkit.eval.evaluator.Evaluator`; logging stays here.
 """
 
 from __future__ import annotations
@@ -17,153 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
-from torchmetrics.aggregation import MeanMetric
 
+from ibkit.convert.weights import load_initial_weights
+from ibkit.data.collate import IGNORE_INDEX, is_empty, model_inputs
+from ibkit.eval.evaluator import Evaluator, predict_records
 from ibkit.models.instructblip import InstructBLIP
 from ibkit.models.language import LoraSettings, resolve_dtype
-from ibkit.training.checkpoint import (
-    CHECKPOINT_FORMAT,
-    AtomicCheckpointIO,
-    check_keys,
-    clean_name,
-    filter_state_dict,
-    persistent_keys,
-)
+from ibkit.models.state import clean_name, persistent_keys
+from ibkit.processor import Processor
+from ibkit.training.checkpoint import CHECKPOINT_FORMAT, AtomicCheckpointIO, check_keys, filter_state_dict
 from ibkit.training.optim import OptimSettings, WarmupCosineSchedule, build_optimizer
 from ibkit.training.vision_words import VisionWordHead, VisionWordSettings, vision_word_loss, word_targets
 
 log = logging.getLogger(__name__)
-
-MODEL_INPUTS = (
-    "pixel_values",
-    "qformer_input_ids",
-    "qformer_attention_mask",
-    "input_ids",
-    "attention_mask",
-    "labels",
-    "decoder_input_ids",
-    "decoder_attention_mask",
-    "image_features",
-)
-IGNORE_INDEX = -100
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The keyword arguments of ``InstructBLIP.forward`` that a collated batch carries."""
-    return {k: batch[k] for k in MODEL_INPUTS if isinstance(batch.get(k), torch.Tensor)}
-
-
-def is_empty(batch: dict[str, Any]) -> bool:
-    """A batch whose every sample was skipped as bad input carries no tensors."""
-    return not isinstance(batch.get("pixel_values"), torch.Tensor) and not isinstance(
-        batch.get("image_features"), torch.Tensor
-    )
-
-
-def eval_target(target: Any, answers: Any, candidates: Any, label: Any) -> str | None:
-    """The answer the validation loss scores: the target, else the labelled candidate, else the most
-    frequent reference answer."""
-    if isinstance(target, str):
-        return target
-    if candidates and isinstance(label, int) and 0 <= label < len(candidates):
-        return candidates[label]
-    if answers:
-        from ibkit.data.templates import most_frequent
-
-        return most_frequent(list(answers))
-    return None
-
-
-def load_initial_weights(model: InstructBLIP, path: str | Path) -> dict[str, list[str]]:
-    """Copy weights into ``model`` from a transformers/ibkit directory, an ibkit ``.safetensors`` file,
-    an ibkit training ``.ckpt``, a LAVIS ``.pth`` (EVA ViT, BLIP-2 or InstructBLIP) or a BERT folder
-    (the Q-Former starts from BERT, as in BLIP-2 pre-training).
-
-    Keys the file does not have keep their current values (the frozen LLM usually comes from its own
-    folder); a key with another shape is an error. Returns ``{"loaded", "missing", "unexpected"}``.
-    """
-    path = Path(path)
-    if path.is_dir() and _model_type(path) == "bert":
-        from ibkit.models.bert_init import init_qformer_from_bert
-
-        report = init_qformer_from_bert(model.qformer, path)
-        log.info("init_from %s: Q-Former from BERT (%d tensors copied, %d initialised)",
-                 path, len(report.copied), len(report.initialised))
-        return {"loaded": ["qformer." + k for k in report.copied], "missing": [], "unexpected": report.unused}
-    if path.is_dir():
-        from ibkit.convert.transformers_io import hf_to_ibkit_state, read_weights
-
-        state = hf_to_ibkit_state(read_weights(path))
-    elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    elif path.suffix == ".ckpt":
-        from ibkit.training.checkpoint import load_checkpoint_file
-
-        raw = load_checkpoint_file(path)["state_dict"]
-        state = {clean_name(k).removeprefix("model."): v for k, v in raw.items()}
-    elif path.suffix in (".pth", ".pt", ".bin"):
-        state = _lavis_state(path)
-    elif not path.exists():
-        raise FileNotFoundError(f"init_from: {path} does not exist")
-    else:
-        raise ValueError(f"init_from: {path}: expected a model folder, .safetensors, .ckpt or a LAVIS .pth file")
-    own = model.state_dict()
-    loaded, unexpected = [], []
-    with torch.no_grad():
-        for key, value in state.items():
-            if key not in own:
-                unexpected.append(key)
-                continue
-            if tuple(own[key].shape) != tuple(value.shape):
-                raise ValueError(
-                    f"init_from {path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
-                )
-            own[key].copy_(value.to(own[key].dtype))
-            loaded.append(key)
-    missing = sorted(set(own) - set(loaded))
-    trainable_missing = sorted(set(missing) & persistent_keys(model))
-    log.info("init_from %s: loaded %d tensors, %d not in the file (%d of them trainable), %d unused",
-             path, len(loaded), len(missing), len(trainable_missing), len(unexpected))
-    if trainable_missing:
-        log.warning("init_from %s: trainable weights left at their initial values: %s", path, trainable_missing[:10])
-    return {"loaded": loaded, "missing": missing, "unexpected": unexpected}
-
-
-def _model_type(directory: Path) -> str | None:
-    import json
-
-    config = directory / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as error:
-        raise ValueError(f"{config}: not a JSON object ({error})") from error
-
-
-def _lavis_state(path: Path) -> dict[str, torch.Tensor]:
-    """ibkit names of a LAVIS file: an InstructBLIP/BLIP-2 ``.pth`` or the EVA ViT's ``eva_vit_g.pth``."""
-    try:
-        from ibkit.convert.lavis import lavis_key_to_ibkit, vit_key_to_ibkit
-    except ImportError as error:
-        raise NotImplementedError(f"init_from {path}: LAVIS conversion (ibkit.convert.lavis) is not available") from error
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "state_dict", "module"):
-        if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
-            raw = raw[wrapper]
-            break
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise ValueError(f"init_from {path}: not a state dict of tensors")
-    state = {}
-    for key, value in raw.items():
-        name = lavis_key_to_ibkit(key) or vit_key_to_ibkit(key)
-        if name is not None:
-            state[name] = value
-    if not state:
-        raise ValueError(f"init_from {path}: no tensor has a LAVIS InstructBLIP/BLIP-2/EVA-ViT name")
-    return state
 
 
 class InstructBLIPModule(LightningModule):
@@ -246,7 +114,8 @@ class InstructBLIPModule(LightningModule):
         self.lora = lora
         self.qformer_tokenizer_path = qformer_tokenizer
         self.llm_tokenizer_path = llm_tokenizer
-        self._tokenizers: tuple[Any, Any] | None = None
+        self._processor: Processor | None = None
+        self._text: dict[str, Any] | None = None  # the datamodule's text settings, from connect()
         self.optim = optim or OptimSettings()
         self.checkpoint_llm_blocks = checkpoint_llm_blocks
         self.val_protocol = val_protocol
@@ -266,8 +135,7 @@ class InstructBLIPModule(LightningModule):
         self.strict_loading = False
         self._prepared = False
         self._last_step_end: float | None = None
-        self._val: dict[str, Any] | None = None
-        self._loss_collator: Any = None
+        self._evaluator: Evaluator | None = None
         if model is not None:
             self._prepare()
 
@@ -275,7 +143,7 @@ class InstructBLIPModule(LightningModule):
     def configure_model(self) -> None:
         """Load ``pretrained`` (once), then apply dtype/LoRA/init settings; runs before checkpoint restore."""
         if self.model is None:
-            from ibkit.convert.transformers_io import load_pretrained
+            from ibkit.models.transformers_io import load_pretrained
 
             log.info("loading %s", self.pretrained)
             model = load_pretrained(self.pretrained, dtype=self.llm_dtype, instruction_aware=self.qformer_instruction_aware)
@@ -286,7 +154,7 @@ class InstructBLIPModule(LightningModule):
         if not self._prepared:
             self._prepare()
         self._apply_fast_paths()
-        self._share_tokenizers()
+        self._connect_datamodule()
 
     def _apply_fast_paths(self) -> None:
         if self.fast_paths and self._policy is None:
@@ -339,82 +207,19 @@ class InstructBLIPModule(LightningModule):
         trainable = self.model.num_parameters(trainable_only=True)
         log.info("InstructBLIP: %s parameters, %s trainable", f"{self.model.num_parameters():,}", f"{trainable:,}")
 
-    def tokenizers(self) -> tuple[Any, Any] | None:
-        """(Q-Former tokenizer, LLM tokenizer) from the configured folders or ``pretrained``; None if unknown."""
-        if self._tokenizers is not None:
-            return self._tokenizers
-        llm_path = self.llm_tokenizer_path
-        if llm_path is None and self.model is not None:
-            source = getattr(self.model.language_model.hf_config, "_name_or_path", "") or ""
-            llm_path = source if source and Path(source).is_dir() else None
-        if self.qformer_tokenizer_path and llm_path:
-            from transformers import AutoTokenizer
+    def processor(self) -> Processor | None:
+        """The model's ``ibkit.Processor`` (tokenizers + the encoder's image settings), None without tokenizers."""
+        if self._processor is None and self.model is not None:
+            self._processor = Processor.for_model(
+                self.model, self.qformer_tokenizer_path, self.llm_tokenizer_path, self.pretrained
+            )
+        return self._processor
 
-            try:
-                from ibkit.convert.lavis import lavis_qformer_tokenizer as load_qformer_tokenizer
-            except ImportError:
-                load_qformer_tokenizer = AutoTokenizer.from_pretrained
-            self._tokenizers = (load_qformer_tokenizer(self.qformer_tokenizer_path), AutoTokenizer.from_pretrained(llm_path))
-        elif self.pretrained and (Path(self.pretrained) / "qformer_tokenizer").is_dir():
-            from ibkit.processor import Processor
-
-            processor = Processor.from_pretrained(self.pretrained)
-            self._tokenizers = (processor.qformer_tokenizer, processor.llm_tokenizer)
-        return self._tokenizers
-
-    def processor(self) -> Any:
-        """An ``ibkit.Processor`` (tokenizers + the encoder's image settings), or None without tokenizers."""
-        tokenizers = self.tokenizers()
-        if tokenizers is None or self.model is None:
-            return None
-        from ibkit.processor import Processor
-
-        vision = self.model.vision_encoder
-        return Processor(*tokenizers, image_size=vision.image_size, mean=vision.mean, std=vision.std)
-
-    def _share_tokenizers(self) -> None:
-        """Give the datamodule the model's tokenizers unless its own config names tokenizer folders."""
-        trainer = self._trainer
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "setup_tokenizers"):
-            return
-        if getattr(datamodule, "qformer_tokenizer", None) is not None:
-            self._check_data_tokenizers(datamodule)
-            return
-        if getattr(datamodule, "llm_tokenizer_path", None) or getattr(datamodule, "qformer_tokenizer_path", None):
-            if hasattr(datamodule, "ensure_tokenizers"):  # its own folders: load them now to compare
-                if getattr(datamodule, "is_encoder_decoder", False) is None:
-                    datamodule.is_encoder_decoder = self.model.is_encoder_decoder
-                datamodule.ensure_tokenizers()
-                self._check_data_tokenizers(datamodule)
-            return
-        tokenizers = self.tokenizers()
-        if tokenizers is not None:
-            datamodule.setup_tokenizers(*tokenizers, self.model.is_encoder_decoder)
-
-    def _check_data_tokenizers(self, datamodule: Any) -> None:
-        """Refuse data tokenizers that give the model's tokens other ids: every prediction would be garbage.
-
-        Extra tokens (a pad token appended, as LAVIS does for Vicuna) are fine; a token both know under two
-        ids is not (e.g. word-level vocabularies built from differently rendered data).
-        """
-        own = self.tokenizers()
-        if own is None:
-            return
-        for role, mine, theirs, path in (
-            ("Q-Former", own[0], datamodule.qformer_tokenizer, getattr(datamodule, "qformer_tokenizer_path", None)),
-            ("LLM", own[1], getattr(datamodule, "llm_tokenizer", None), getattr(datamodule, "llm_tokenizer_path", None)),
-        ):
-            if theirs is None or theirs is mine:
-                continue
-            vocab, data_vocab = mine.get_vocab(), theirs.get_vocab()
-            moved = sorted(t for t, i in vocab.items() if data_vocab.get(t, i) != i)
-            if moved:
-                raise ValueError(
-                    f"the data's {role} tokenizer ({path or 'set by the datamodule'}) gives {len(moved)} of the model's "
-                    f"{len(vocab)} tokens other ids than the model's own (e.g. {moved[:3]}); point the data config's "
-                    f"tokenizer at the model's ({self.pretrained or self.llm_tokenizer_path}) or leave it unset"
-                )
+    def _connect_datamodule(self) -> None:
+        """Hand the model's tokenizers to the datamodule (it keeps checked tokenizers of its own)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "connect"):
+            self._text = datamodule.connect(self.processor(), self.model.is_encoder_decoder)
 
     def setup(self, stage: str) -> None:
         # Atomic, weights_only checkpoint files unless the strategy was given a custom IO.
@@ -463,13 +268,9 @@ class InstructBLIPModule(LightningModule):
         if self.vision_word_head is None or pixels is None or "image_features" in inputs:
             loss = self.model(**inputs).loss
             return loss, loss
-        frames = self.model.num_frames(pixels)
-        feats = self.model.vision_encoder(pixels.flatten(0, 1) if frames else pixels)
-        tokens = self.model.ln_vision(feats.to(self.model.ln_vision.weight.dtype))
-        if frames:
-            feats = feats.unflatten(0, (batch_size, frames))
-            tokens = tokens.reshape(batch_size, -1, tokens.shape[-1])  # every frame's tokens are instances
-        lm_loss = self.model(**{k: v for k, v in inputs.items() if k != "pixel_values"}, image_features=feats).loss
+        images = self.model.image_tokens(pixels)
+        tokens = images.tokens.reshape(batch_size, -1, images.tokens.shape[-1])  # every frame's tokens are instances
+        lm_loss = self.model(**{k: v for k, v in inputs.items() if k != "pixel_values"}, image_features=images.features).loss
         config = self.model.language_model.hf_config
         special = {t for t in (config.pad_token_id, config.eos_token_id) if t is not None}
         targets = word_targets(inputs["labels"], config.vocab_size, self.vision_words, special)
@@ -524,132 +325,45 @@ class InstructBLIPModule(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
-    # ----------------------------------------------------------------------------------- validation
+    # ----------------------------------------------------------------------------------- evaluation
     def _eval_names(self) -> list[str]:
         datamodule = getattr(self.trainer, "datamodule", None)
         names = list(getattr(datamodule, "eval_dataset_names", None) or [])
         count = len(self.trainer.num_test_batches if self.trainer.testing else self.trainer.num_val_batches)
         return names if len(names) >= count else [f"dl{i}" for i in range(count)]
 
-    def _start_eval(self) -> None:
-        names = self._eval_names()
-        losses = [MeanMetric(sync_on_compute=True).to(self.device) for _ in names]
-        run = None
-        if self.val_protocol:
-            run = self._protocol_run(names)
-        self._val = {"names": names, "losses": losses, "total": MeanMetric(sync_on_compute=True).to(self.device),
-                     "run": run}
-
-    def _protocol_run(self, names: list[str]) -> Any:
-        try:
-            from ibkit.data.registry import get_spec
-            from ibkit.eval.protocol import EvaluationRun
-
-            for name in names:
-                get_spec(name)
-            return EvaluationRun(names).to(self.device)
-        except (ImportError, KeyError) as error:
-            log.warning("validation without the zero-shot protocol (LM loss only): %s", error)
-            return None
-
-    def _loss_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-        """Train-style inputs (prompt + answer with labels) for the held-out samples that have an answer."""
-        if "labels" in batch:
-            return model_inputs(batch)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or getattr(datamodule, "llm_tokenizer", None) is None:
-            return None
-        n = len(batch.get("instructions", []))
-        targets = [
-            eval_target(
-                batch.get("targets", [None] * n)[i], batch.get("answers", [None] * n)[i],
-                batch.get("candidates", [None] * n)[i], batch.get("labels_idx", [None] * n)[i],
-            )
-            for i in range(n)
-        ]
-        rows = [i for i, t in enumerate(targets) if t]
-        if not rows:
-            return None
-        if self._loss_collator is None:
-            from ibkit.data.collate import InstructionCollator
-
-            self._loss_collator = InstructionCollator(
-                datamodule.qformer_tokenizer, datamodule.llm_tokenizer, bool(self.model.is_encoder_decoder),
-                mode="train", **getattr(datamodule, "max_lengths", {}),
-            )
-        text = self._loss_collator.tokenize_llm([batch["instructions"][i] for i in rows], [targets[i] for i in rows])
-        index = torch.tensor(rows, device=self.device)
-        inputs = {k: v.index_select(0, index) for k, v in model_inputs(batch).items() if k not in text}
-        inputs.update({k: v.to(self.device) for k, v in text.items()})
-        return inputs
+    def _llm_tokenizer(self) -> Any:
+        """The LLM tokenizer the held-out batches were made with (the model's when the data has none)."""
+        if self._text is not None:
+            return self._text["llm_tokenizer"]
+        processor = self.processor()
+        return processor.llm_tokenizer if processor is not None else None
 
     def _eval_step(self, batch: dict[str, Any], dataloader_idx: int) -> None:
-        if self._val is None:
-            self._start_eval()
-        if is_empty(batch):
-            return
-        inputs = self._loss_inputs(batch)
-        net = self.inference_model
-        if inputs is not None:
-            out = net(**inputs)
-            labels = inputs["labels"]
-            tokens = (labels != IGNORE_INDEX).sum().to(out.loss.dtype)
-            self._val["losses"][dataloader_idx].update(out.loss.detach().float(), tokens.float())
-            self._val["total"].update(out.loss.detach().float(), tokens.float())
-        run = self._val["run"]
-        if run is not None:
-            datamodule = self.trainer.datamodule
-            run.step(net, batch, self._val["names"][dataloader_idx], datamodule.llm_tokenizer,
-                     **self.generation_overrides)
+        if self._evaluator is None:
+            self._evaluator = Evaluator(
+                self._eval_names(), self.device, self._llm_tokenizer(), text=self._text,
+                protocol=self.val_protocol, generation_overrides=self.generation_overrides,
+            )
+        self._evaluator.step(self.inference_model, batch, dataloader_idx)
 
     def _end_eval(self, prefix: str) -> dict[str, float]:
-        state, self._val = self._val, None
-        if state is None:
+        evaluator, self._evaluator = self._evaluator, None
+        if evaluator is None:
             return {}
-        results: dict[str, float] = {}
-        for name, metric in zip(state["names"], state["losses"]):
-            if metric.update_count or torch.distributed.is_initialized():
-                results[f"{prefix}/{name}/loss"] = float(metric.compute())
-        if state["total"].update_count or torch.distributed.is_initialized():
-            results[f"{prefix}/loss"] = float(state["total"].compute())
-        computed = state["run"].compute() if state["run"] is not None else {}
-        if state["run"] is not None:
-            scores = []
-            for name, metrics in computed.items():
-                for metric, value in metrics.items():
-                    results[f"{prefix}/{name}/{metric}"] = float(value)
-                    if metric != "none":
-                        scores.append(float(value))
-            if scores:
-                results[f"{prefix}/score"] = sum(scores) / len(scores)
+        results = evaluator.compute(prefix)
         for key, value in results.items():
             self.log(key, value, rank_zero_only=False, sync_dist=False, add_dataloader_idx=False)
-        if prefix == "test" and state["run"] is not None:
-            self._write_test_results(state["run"].records, computed)
-        return results
-
-    def _write_test_results(self, records: dict[str, list[dict[str, Any]]], metrics: dict[str, dict[str, float]]) -> None:
-        """Gather every rank's prediction records; rank 0 writes the three result files."""
-        from ibkit.eval.protocol import write_results
-
-        records = dict(records)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, records)
-            records = {}
-            for part in gathered:
-                for name, recs in part.items():
-                    records.setdefault(name, []).extend(recs)
-        if self.global_rank == 0:
+        if prefix == "test":
             out = Path(self.results_dir or Path(self.trainer.default_root_dir) / "results")
-            write_results(out, metrics, records, paper_model=self.paper_model)
-            log.info("wrote %s", out / "results.md")
+            evaluator.write_results(out, self.paper_model, write=self.global_rank == 0)
+        return results
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
 
     def on_validation_epoch_start(self) -> None:
-        self._val = None
+        self._evaluator = None
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval("val")
@@ -658,7 +372,7 @@ class InstructBLIPModule(LightningModule):
         self._eval_step(batch, dataloader_idx)
 
     def on_test_epoch_start(self) -> None:
-        self._val = None
+        self._evaluator = None
 
     def on_test_epoch_end(self) -> None:
         self._end_eval("test")
@@ -667,16 +381,9 @@ class InstructBLIPModule(LightningModule):
         """Prediction records (generated text or ranked candidates) of one held-out batch."""
         if is_empty(batch):
             return []
-        from ibkit.data.registry import get_spec
-        from ibkit.eval.protocol import predict_batch
-
-        datamodule = self.trainer.datamodule
-        name = self._eval_names_for_predict()[dataloader_idx]
-        return predict_batch(self.inference_model, batch, get_spec(name), datamodule.llm_tokenizer, self.generation_overrides)
-
-    def _eval_names_for_predict(self) -> list[str]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        return list(getattr(datamodule, "eval_dataset_names", None) or [])
+        names = list(getattr(self.trainer.datamodule, "eval_dataset_names", None) or [])
+        return predict_records(self.inference_model, batch, names[dataloader_idx], self._llm_tokenizer(),
+                               self.generation_overrides)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def trainable_state_keys(self) -> set[str]:

@@ -160,6 +160,9 @@ def _resolve(path: str | Path) -> Path:
     local = Path(path)
     if local.is_dir():
         return local
+    if local.suffix in (".pth", ".pt"):
+        raise ValueError(f"{path}: a LAVIS checkpoint, not a model directory; load it with "
+                         "ibkit.convert.lavis.load_lavis (or convert it once: ibkit convert lavis)")
     if local.exists() or str(path).startswith((".", "/")):
         raise FileNotFoundError(f"{path}: not a model directory")
     from huggingface_hub import snapshot_download  # a hub id: the user asked for the network

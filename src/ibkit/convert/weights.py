@@ -1,0 +1,107 @@
+"""Copy weights into a built model from any file ibkit reads: the dispatch behind ``init_from``.
+
+A transformers/ibkit folder, an ibkit ``.safetensors`` file or training ``.ckpt``, a LAVIS ``.pth``
+(EVA ViT, BLIP-2 or InstructBLIP, renamed by :mod:`ibkit.convert.lavis`) or a BERT folder (the
+Q-Former starts from BERT, :mod:`ibkit.convert.bert_init`). It lives in convert/ because most of
+these are foreign formats; the training module only names the files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ibkit.models.instructblip import InstructBLIP
+from ibkit.models.state import clean_name, persistent_keys
+
+log = logging.getLogger(__name__)
+
+
+def load_initial_weights(model: InstructBLIP, path: str | Path) -> dict[str, list[str]]:
+    """Copy weights into ``model`` from a transformers/ibkit directory, an ibkit ``.safetensors`` file,
+    an ibkit training ``.ckpt``, a LAVIS ``.pth`` (EVA ViT, BLIP-2 or InstructBLIP) or a BERT folder
+    (the Q-Former starts from BERT, as in BLIP-2 pre-training).
+
+    Keys the file does not have keep their current values (the frozen LLM usually comes from its own
+    folder); a key with another shape is an error. Returns ``{"loaded", "missing", "unexpected"}``.
+    """
+    path = Path(path)
+    if path.is_dir() and model_type(path) == "bert":
+        from ibkit.convert.bert_init import init_qformer_from_bert
+
+        report = init_qformer_from_bert(model.qformer, path)
+        log.info("init_from %s: Q-Former from BERT (%d tensors copied, %d initialised)",
+                 path, len(report.copied), len(report.initialised))
+        return {"loaded": ["qformer." + k for k in report.copied], "missing": [], "unexpected": report.unused}
+    if path.is_dir():
+        from ibkit.models.transformers_io import hf_to_ibkit_state, read_weights
+
+        state = hf_to_ibkit_state(read_weights(path))
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    elif path.suffix == ".ckpt":
+        raw = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]  # an ibkit training checkpoint
+        state = {clean_name(k).removeprefix("model."): v for k, v in raw.items()}
+    elif path.suffix in (".pth", ".pt", ".bin"):
+        state = lavis_state(path)
+    elif not path.exists():
+        raise FileNotFoundError(f"init_from: {path} does not exist")
+    else:
+        raise ValueError(f"init_from: {path}: expected a model folder, .safetensors, .ckpt or a LAVIS .pth file")
+    own = model.state_dict()
+    loaded, unexpected = [], []
+    with torch.no_grad():
+        for key, value in state.items():
+            if key not in own:
+                unexpected.append(key)
+                continue
+            if tuple(own[key].shape) != tuple(value.shape):
+                raise ValueError(
+                    f"init_from {path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+                )
+            own[key].copy_(value.to(own[key].dtype))
+            loaded.append(key)
+    missing = sorted(set(own) - set(loaded))
+    trainable_missing = sorted(set(missing) & persistent_keys(model))
+    log.info("init_from %s: loaded %d tensors, %d not in the file (%d of them trainable), %d unused",
+             path, len(loaded), len(missing), len(trainable_missing), len(unexpected))
+    if trainable_missing:
+        log.warning("init_from %s: trainable weights left at their initial values: %s", path, trainable_missing[:10])
+    return {"loaded": loaded, "missing": missing, "unexpected": unexpected}
+
+
+def model_type(directory: Path) -> str | None:
+    """The ``model_type`` of a folder's ``config.json`` (None without one)."""
+    config = directory / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"{config}: not a JSON object ({error})") from error
+
+
+def lavis_state(path: Path) -> dict[str, torch.Tensor]:
+    """ibkit names of a LAVIS file: an InstructBLIP/BLIP-2 ``.pth`` or the EVA ViT's ``eva_vit_g.pth``."""
+    from ibkit.convert.lavis import lavis_key_to_ibkit, vit_key_to_ibkit
+
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
+            raw = raw[wrapper]
+            break
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise ValueError(f"init_from {path}: not a state dict of tensors")
+    state = {}
+    for key, value in raw.items():
+        name = lavis_key_to_ibkit(key) or vit_key_to_ibkit(key)
+        if name is not None:
+            state[name] = value
+    if not state:
+        raise ValueError(f"init_from {path}: no tensor has a LAVIS InstructBLIP/BLIP-2/EVA-ViT name")
+    return state
