@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ibkit.bench import main
+from ibkit.app import main
 from ibkit.bench.runner import TARGETS, ratios
 from ibkit.bench.sizes import FULL, SIZES, SMALL
 
@@ -27,8 +27,8 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     try:
-        code = main(["--size", "tiny", "--repeats", "1", "--output_dir", str(out), "--threads", "1",
-                     "--candidates", "6", "--no_progress"])
+        code = main(["bench", "--size", "tiny", "--repeats", "1", "--output_dir", str(out), "--threads", "1",
+                     "--candidates", "6", "--no_progress", "true"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -124,7 +124,7 @@ def test_sizes_keep_the_real_proportions():
 
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(SystemExit):
-        main(["--size", "tiny", "--workloads", "train,fly", "--output_dir", str(tmp_path)])
+        main(["bench", "--size", "tiny", "--workloads", "train,fly", "--output_dir", str(tmp_path)])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a GPU"):
-            main(["--size", "full", "--output_dir", str(tmp_path), "--no_progress"])
+            main(["bench", "--size", "full", "--output_dir", str(tmp_path), "--no_progress", "true"])

@@ -1,4 +1,4 @@
-"""The `ibkit` command: LightningCLI subcommands next to argparse tools, and export to transformers."""
+"""The `ibkit` command: LightningCLI subcommands next to typed-function commands, configs from Python, export."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ import lightning.pytorch  # noqa: F401 - imported outside capsys: its log handle
 import pytest
 import torch
 
-from ibkit.cli import TOOLS, main, parse_config
+from ibkit.app import (
+    COMMANDS,
+    Command,
+    Group,
+    build_cli,
+    build_from_config,
+    main,
+    parse_config,
+    run_lightning,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "fit.yaml"
@@ -20,7 +29,7 @@ TINY = ROOT / "configs" / "tiny" / "fit.yaml"
 def test_top_level_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for name in ("fit", "validate", "test", "predict", *TOOLS):
+    for name in COMMANDS:
         assert f"  {name} " in text
 
 
@@ -105,3 +114,72 @@ def test_export_writes_a_transformers_folder(tmp_path):
     with pytest.raises(ValueError, match="query_tokens: \\(1, 4, 32\\) in the checkpoint"):
         main(["export", *config, "--model.model.init_args.num_query_tokens=8", f"--ckpt_path={best[0]}",
               f"--output={tmp_path / 'other'}"])
+
+
+def _leaves(commands, path=()):
+    for name, entry in commands.items():
+        if isinstance(entry, Group):
+            yield from _leaves(entry.commands, (*path, name))
+        else:
+            yield (*path, name)
+
+
+@pytest.mark.parametrize("path", [p for p in _leaves(COMMANDS) if p != ("demo",)], ids=" ".join)
+def test_every_command_has_help(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*path, "--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage.startswith("usage: ibkit ") and f" {path[-1]} " in usage  # LightningCLI's: ibkit [options] fit
+
+
+def test_version_and_group_help(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("ibkit ")
+    assert main(["data", "--help"]) == 0
+    assert "  cache-features " in capsys.readouterr().out
+
+
+def test_a_command_that_cannot_be_imported_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(COMMANDS, "elsewhere", Command("ibkit.nowhere:run", help="a part not installed"))
+    assert "  elsewhere " in (main(["--help"]) == 0 and capsys.readouterr().out)
+    assert main(["elsewhere", "--flag"]) == 2
+    assert "ibkit elsewhere: ibkit.nowhere:run is not available (ModuleNotFoundError" in capsys.readouterr().err
+
+
+def test_a_usage_error_of_a_command_exits_with_its_usage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "check", "--root", str(tmp_path / "absent")])
+    assert exit_info.value.code == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_build_from_config_is_the_command_line_configuration(tmp_path):
+    overrides = {"data.init_args.root": str(tmp_path), "model.optim.lr": 0.25, "trainer.max_steps": 3}
+    module, datamodule = build_from_config([TINY], overrides)
+    cli = build_cli(["--config", str(TINY), f"--data.init_args.root={tmp_path}", "--model.optim.lr=0.25",
+                     "--trainer.max_steps=3"], run=False)
+    assert Path(datamodule.root) == tmp_path
+    module.configure_model()
+    cli.model.configure_model()
+    theirs = cli.model.state_dict()
+    # the same seed: the same random weights
+    assert all(torch.equal(value, theirs[key]) for key, value in module.state_dict().items())
+
+
+def test_run_lightning_fits_and_resumes(tmp_path):
+    from ibkit.training.tiny import prepare_tiny_workspace
+
+    workspace, run = tmp_path / "ws", tmp_path / "run"
+    prepare_tiny_workspace(workspace)
+    overrides = {
+        "data.init_args.root": str(workspace), "trainer.default_root_dir": str(run),
+        "trainer.logger.init_args.save_dir": str(run), "trainer.enable_progress_bar": False,
+        "trainer.enable_model_summary": False, "trainer.max_steps": 2, "trainer.val_check_interval": 2,
+        "model.val_protocol": False,
+    }
+    assert run_lightning("fit", [TINY], overrides).trainer.global_step == 2
+    resumed = run_lightning("fit", [TINY], {**overrides, "trainer.max_steps": 3}, ckpt_path="last")
+    assert resumed.trainer.global_step == 3
+    with pytest.raises(ValueError, match="unknown Lightning command 'train'"):
+        run_lightning("train", [TINY])

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from ibkit.cli import parse_config
+from ibkit.app.config import parse_config
 from ibkit.training.memory import LLM_ARCHITECTURES, llm_for_path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -67,7 +67,7 @@ def test_demo_configs_share_their_data_and_mix_unequal_held_in_sizes():
 
 def check_fresh_questions_with_the_models_tokenizers(model, out):
     """``ibkit demo --check``: fresh questions from another data seed, read with the model's tokenizers."""
-    from ibkit.cli import main
+    from ibkit.app import main
     from ibkit.data.registry import load_samples
     from ibkit.shapes.demo import run_heldin_check
 

@@ -228,7 +228,7 @@ def test_lightning_callback_builds_on_every_rank_then_waits_for_all(tmp_path):
     from test_datamodule import make_dm
     from test_transforms_collate import llama_tokenizer, qformer_tokenizer, t5_tokenizer
 
-    from ibkit.data.feature_cache import FeatureCacheCallback
+    from ibkit.training.callbacks import FeatureCacheCallback
 
     root = tmp_path / "data"
     write_fixture_root(root)
@@ -269,7 +269,7 @@ def test_feature_collator_passes_uncached_items_through():
 
 def test_fit_and_validate_from_the_cache_as_from_pixels(tmp_path):
     """`ibkit fit` with the callback trains on cached features and validates with them (tiny preset)."""
-    from ibkit.cli import build_cli
+    from ibkit.app.config import build_cli
 
     def fit(run: str, *extra: str):
         args = [
@@ -281,7 +281,7 @@ def test_fit_and_validate_from_the_cache_as_from_pixels(tmp_path):
         return build_cli(args, run=True).trainer
 
     cached = fit(
-        "cached", "--trainer.callbacks+=ibkit.data.feature_cache.FeatureCacheCallback",
+        "cached", "--trainer.callbacks+=ibkit.training.callbacks.FeatureCacheCallback",
         f"--trainer.callbacks.cache_dir={tmp_path / 'cache'}", "--trainer.callbacks.progress=false",
     )
     datamodule = cached.datamodule
@@ -292,10 +292,10 @@ def test_fit_and_validate_from_the_cache_as_from_pixels(tmp_path):
 
 
 def test_cache_features_command_builds_every_dataset_of_a_config(tmp_path, capsys):
-    from ibkit.data.feature_cache import main
+    from ibkit.app import main
 
-    args = ["--cache_dir", str(tmp_path / "cache"), "--config", "configs/tiny/fit.yaml", "--num_workers", "0",
-            "--data.root", str(tmp_path / "tiny"), "--trainer.logger", "false"]
+    args = ["data", "cache-features", "--cache_dir", str(tmp_path / "cache"), "--config", "configs/tiny/fit.yaml",
+            "--num_workers", "0", "--data.root", str(tmp_path / "tiny"), "--trainer.logger", "false"]
     assert main(args) == 0
     built = sorted(p.name for p in (tmp_path / "cache").iterdir())
     from ibkit.shapes.datamodule import TINY_EVAL, TINY_TRAIN

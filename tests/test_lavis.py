@@ -24,7 +24,8 @@ from tiny_models import (
 )
 
 from ibkit import InstructBLIP, LanguageModel
-from ibkit.convert.lavis import lavis_processor, load_lavis, load_lavis_with_report, main
+from ibkit.app import main
+from ibkit.convert.lavis import lavis_processor, load_lavis, load_lavis_with_report
 from ibkit.models import EVAViT, EVAViTConfig
 from ibkit.models.transformers_io import qformer_config_from_hf
 
@@ -328,8 +329,8 @@ def test_cli_converts_to_a_transformers_directory(flant5_files, tmp_path):
     vcfg.write_text(json.dumps(VCFG.__dict__))
     out = tmp_path / "converted"
     code = main([
-        "--checkpoint", str(ckpt), "--vit-checkpoint", str(vit_file), "--llm", str(llm_dir), "--output", str(out),
-        "--qformer-config", str(qcfg), "--vision-config", str(vcfg),
+        "convert", "lavis", "--checkpoint", str(ckpt), "--vit_checkpoint", str(vit_file), "--llm", str(llm_dir),
+        "--output", str(out), "--qformer_config", str(qcfg), "--vision_config", str(vcfg),
     ])
     assert code == 0 and (out / "config.json").is_file()
     hf, info = InstructBlipForConditionalGeneration.from_pretrained(out, output_loading_info=True)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from fixtures_datasets import FIXTURE_SPLITS, write_fixture_root
 
+from ibkit.app import main
 from ibkit.data import registry
-from ibkit.data.catalog import check_root, dataset_rows, format_check, main
+from ibkit.data.catalog import check_root, dataset_rows, format_check
 from ibkit.data.registry import (
     FAMILIES,
     DatasetSpec,
@@ -308,12 +309,12 @@ def test_data_check_reports_found_counts_and_exact_missing_paths(fixture_root, c
     }
     report = format_check(list(results.values()))
     assert f"test: missing {fixture_root / 'nocaps' / 'nocaps_test_image_info.json'}" in report
-    assert main(["check", "--root", str(fixture_root), "--dataset", "vsr"]) == 0
+    assert main(["data", "check", "--root", str(fixture_root), "--dataset", "vsr"]) == 0
     assert "test: found, 2 samples" in capsys.readouterr().out
 
 
 def test_data_check_on_an_empty_root_and_a_broken_file(tmp_path, capsys):
-    assert main(["check", "--root", str(tmp_path), "--dataset", "gqa"]) == 1
+    assert main(["data", "check", "--root", str(tmp_path), "--dataset", "gqa"]) == 1
     assert str(tmp_path / "gqa" / "testdev_balanced_questions.json") in capsys.readouterr().out
     (tmp_path / "gqa").mkdir()
     (tmp_path / "gqa" / "testdev_balanced_questions.json").write_text("{not json")

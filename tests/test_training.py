@@ -59,7 +59,7 @@ def tiny_model(text: dict, lora: LoraSettings | None = None, llm_dtype: str | No
 
 # ------------------------------------------------------------------------------------------ fit (in process)
 def test_fit_trains_only_the_qformer_side_and_checkpoints_it(workspace, tmp_path):
-    from ibkit.cli import build_cli
+    from ibkit.app.config import build_cli
 
     run = tmp_path / "run"
     cli = build_cli(["fit", *tiny_args(workspace, run, "--trainer.max_steps=8", "--trainer.val_check_interval=4")],
@@ -109,7 +109,7 @@ def _final_state(run: Path) -> dict:
 
 def test_resume_continues_the_exact_stream(workspace, tmp_path):
     """Stopped after 3 steps and resumed with --ckpt_path last == 6 uninterrupted steps, bit for bit."""
-    from ibkit.cli import main
+    from ibkit.app import main
 
     common = ["--model.optim.max_steps=6", "--trainer.val_check_interval=2"]
     whole, split = tmp_path / "whole", tmp_path / "split"
@@ -132,7 +132,7 @@ def test_resume_continues_the_exact_stream(workspace, tmp_path):
 
 
 def test_checkpoint_loading_is_strict(workspace, tmp_path):
-    from ibkit.cli import build_cli
+    from ibkit.app.config import build_cli
 
     cli = build_cli(tiny_args(workspace, tmp_path / "run"), run=False)
     module = cli.model
@@ -319,7 +319,7 @@ def test_module_can_checkpoint_llm_blocks_of_a_frozen_llm():
 def test_fast_paths_switch_trains_fp32_masters_and_tests_on_a_bf16_copy(workspace, tmp_path, monkeypatch):
     """``model.fast_paths``: frozen parts stored in bf16, trainable fp32, test/predict on a bf16-bridge copy."""
     import ibkit.models.precision as precision
-    from ibkit.cli import build_cli
+    from ibkit.app.config import build_cli
 
     monkeypatch.setattr(precision, "fast_bf16", lambda *args, **kwargs: True)  # CI CPUs may lack bf16 units
     run = tmp_path / "run"

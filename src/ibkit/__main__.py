@@ -2,7 +2,7 @@
 
 import sys
 
-from ibkit.cli import main
+from ibkit.app import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,8 +22,6 @@ Every file is read with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import pickle
 import re
@@ -201,7 +199,8 @@ def _interpolate_positions(pos: torch.Tensor, num_positions: int, source: str) -
 
 
 # -- tokenizers -------------------------------------------------------------------------------------
-def _has_tokenizer(directory: Path) -> bool:
+def has_tokenizer(directory: Path) -> bool:
+    """Whether a folder holds tokenizer files (an LLM folder may carry its weights only)."""
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "spiece.model")
     return any((directory / n).is_file() for n in names)
 
@@ -254,7 +253,7 @@ def _target_llm_vocab(
     """(vocabulary size the LLM must have, pad id to set, why): ``explicit``, else the checkpoint's LLM
     embeddings, else the LAVIS tokenizer (Vicuna: ``[PAD]`` added); the pad id always from that tokenizer."""
     size, pad_id, why = None, None, ""
-    if variant == "vicuna" and not isinstance(llm, LanguageModel) and _has_tokenizer(Path(llm)):
+    if variant == "vicuna" and not isinstance(llm, LanguageModel) and has_tokenizer(Path(llm)):
         tok = lavis_llm_tokenizer(llm, variant)
         size, pad_id, why = len(tok), tok.pad_token_id, f"the LAVIS tokenizer of {llm} ([PAD] added)"
     for key, value in llm_state.items():
@@ -487,63 +486,3 @@ def load_lavis(
     """
     model, _ = load_lavis_with_report(checkpoint, vit_checkpoint, llm, variant, qformer_tokenizer_dir, **kwargs)
     return model
-
-
-# -- command line -----------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ibkit convert lavis",
-        description="Convert a LAVIS InstructBLIP checkpoint to a transformers InstructBlip directory.",
-    )
-    p.add_argument("--checkpoint", required=True, help="instruct_blip_*_trimmed.pth")
-    p.add_argument("--vit-checkpoint", default=None, help="eva_vit_g.pth")
-    p.add_argument("--llm", required=True, help="transformers directory of FlanT5-XL/XXL or Vicuna-7B/13B v1.1")
-    p.add_argument("--variant", choices=sorted(VARIANTS), default=None, help="default: from the checkpoint")
-    p.add_argument("--output", required=True, help="directory to write (transformers layout)")
-    p.add_argument("--qformer-tokenizer", default=None,
-                   help="bert-base-uncased tokenizer directory; with it the processor is saved too")
-    p.add_argument("--image-size", type=int, default=None, help="default 224")
-    p.add_argument("--llm-dtype", default=None, help="dtype of the LLM (bf16, fp16, fp32); default: as stored")
-    p.add_argument("--llm-vocab-size", type=int, default=None,
-                   help="LLM vocabulary after LAVIS's added tokens (Vicuna: 32001); default: checkpoint/tokenizer")
-    p.add_argument("--no-t5-exact-gelu", action="store_true", help="keep T5's tanh GELU instead of LAVIS's exact GELU")
-    p.add_argument("--qformer-config", default=None, help="JSON file of QFormerConfig fields (non-standard shapes)")
-    p.add_argument("--vision-config", default=None, help="JSON file of EVAViTConfig fields (non-standard shapes)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``ibkit convert lavis ...``: load the LAVIS files, then ``save_pretrained(output)``."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    qformer_config = QFormerConfig(**json.loads(Path(args.qformer_config).read_text())) if args.qformer_config else None
-    vision_config = EVAViTConfig(**json.loads(Path(args.vision_config).read_text())) if args.vision_config else None
-    model, report = load_lavis_with_report(
-        args.checkpoint,
-        args.vit_checkpoint,
-        args.llm,
-        variant=args.variant,
-        qformer_tokenizer_dir=args.qformer_tokenizer,
-        vision_config=vision_config,
-        qformer_config=qformer_config,
-        image_size=args.image_size,
-        llm_dtype=args.llm_dtype,
-        llm_vocab_size=args.llm_vocab_size,
-        t5_exact_gelu=not args.no_t5_exact_gelu,
-    )
-    processor = None
-    if args.qformer_tokenizer is not None:
-        if _has_tokenizer(Path(args.llm)):
-            variant = "flant5" if model.is_encoder_decoder else "vicuna"
-            processor = lavis_processor(args.llm, variant, args.qformer_tokenizer, model.vision_encoder.image_size)
-        else:
-            log.warning("%s has no tokenizer files: the processor is not saved", args.llm)
-    out = model.save_pretrained(args.output, processor=processor)
-    log.info("wrote %s (%d tensors mapped from LAVIS)", out, len(report.mapped))
-    return 0
-
-
-convert_lavis_cli = main
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

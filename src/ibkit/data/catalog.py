@@ -1,4 +1,4 @@
-"""``ibkit data list`` and ``ibkit data check``: what datasets exist and which ones a data root holds.
+"""What datasets exist and which ones a data root holds (``ibkit data list`` / ``ibkit data check``).
 
 ``check`` answers the first question of every new user ("did I put the files where ibkit looks?"):
 per dataset and split it says found (with the sample count, read from the annotations without
@@ -7,7 +7,6 @@ opening a single image), missing (with the exact paths expected), or error (unre
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,32 +134,3 @@ def format_check(results: list[DatasetCheck]) -> str:
     )
     return "\n".join(lines)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``ibkit data list [--suite S]`` / ``ibkit data check --root DIR [--dataset NAME ...]``."""
-    if argv and argv[0] == "cache-features":  # precompute frozen-encoder features (ibkit.data.feature_cache)
-        from ibkit.data.feature_cache import main as cache_main
-
-        return int(cache_main(argv[1:]) or 0)
-    parser = argparse.ArgumentParser(prog="ibkit data", description="List datasets or check a data root.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    list_parser = commands.add_parser("list", help="table of the registered datasets")
-    list_parser.add_argument("--suite", default="instructblip", help="instructblip | shapes | all")
-    check_parser = commands.add_parser("check", help="which datasets/splits are present under a data root")
-    check_parser.add_argument(
-        "--root", required=True, type=Path, help="data root the registry paths are under"
-    )
-    check_parser.add_argument("--dataset", action="append", dest="names", help="check only this dataset")
-    check_parser.add_argument("--suite", default="instructblip", help="instructblip | shapes | all")
-    args = parser.parse_args(argv)
-    suite = None if args.suite == "all" else args.suite
-    if args.command == "list":
-        print(format_table(dataset_rows(suite)))
-        return 0
-    if not args.root.is_dir():
-        parser.error(f"--root {args.root} is not a directory")
-    results = check_root(args.root, names=args.names, suite=suite)
-    print(format_check(results))
-    # exit 1 on broken files, or when a dataset asked for by name is entirely absent
-    failed = any(r.status == "error" or (args.names and r.status == "missing") for r in results)
-    return 1 if failed else 0

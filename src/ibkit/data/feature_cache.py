@@ -24,9 +24,9 @@ was made from), ``shard-<writer>-<n>.safetensors`` (one tensor ``features`` of s
 skipped). Each writer (a process, a rank) writes its own files, so ranks build disjoint slices in
 parallel and an interrupted build resumes where it stopped.
 
-Entry points: :func:`cached_dataset` (one dataset), :func:`enable_feature_cache` (an
-:class:`~ibkit.data.datamodule.InstructionDataModule`), :class:`FeatureCacheCallback` (Lightning,
-YAML) and ``ibkit data cache-features`` (:func:`main`).
+Entry points: :func:`cached_dataset` (one dataset) and :func:`enable_feature_cache` (an
+:class:`~ibkit.data.datamodule.InstructionDataModule`); Lightning runs use
+:class:`ibkit.training.callbacks.FeatureCacheCallback` (YAML), ahead of time ``ibkit data cache-features``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -575,94 +574,3 @@ def enable_feature_cache(
         datamodule._collator = collator
         datamodule._feature_cache_collator = True
     return added
-
-
-class FeatureCacheCallback(Callback):
-    """Lightning callback: train and evaluate from cached frozen-encoder features.
-
-    In YAML: ``trainer.callbacks: [{class_path: ibkit.data.feature_cache.FeatureCacheCallback,
-    init_args: {cache_dir: cache/features}}]`` together with ``data.train_augment: false``. Missing
-    features are computed at ``setup`` on this rank's device (each rank a slice). A model that is
-    loaded in ``configure_model`` (``model.pretrained``) is loaded here already, since its encoder is
-    needed before the data loaders exist (``configure_model`` is idempotent, so Lightning's own call
-    later finds it built); under FSDP that means one unsharded copy per rank, so there prefer
-    ``ibkit data cache-features`` beforehand.
-    """
-
-    def __init__(
-        self, cache_dir: str, dtype: str = "auto", batch_size: int = 32, num_workers: int = 0, progress: bool = True
-    ) -> None:
-        self.cache_dir = cache_dir
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.progress = progress
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        datamodule = trainer.datamodule
-        if datamodule is None:
-            raise FeatureCacheError("FeatureCacheCallback needs a datamodule (InstructionDataModule)")
-        model = getattr(pl_module, "model", None)
-        if model is None and callable(getattr(pl_module, "configure_model", None)):
-            pl_module.configure_model()  # e.g. model.pretrained: the encoder is needed now
-            model = getattr(pl_module, "model", None)
-        if model is None:
-            raise FeatureCacheError(
-                f"FeatureCacheCallback: {type(pl_module).__name__} has no model after configure_model(); "
-                "build it in __init__ or configure_model"
-            )
-        encoder = model.vision_encoder
-        device = trainer.strategy.root_device
-        original = next(iter(encoder.parameters())).device
-        encoder.to(device)
-        try:
-            enable_feature_cache(
-                datamodule, encoder, self.cache_dir, stages=(getattr(stage, "value", stage),), dtype=self.dtype,
-                batch_size=self.batch_size, num_workers=self.num_workers, rank=trainer.global_rank,
-                world_size=trainer.world_size, barrier=lambda: trainer.strategy.barrier("feature_cache"),
-                progress=self.progress and trainer.is_global_zero,
-            )
-        finally:
-            encoder.to(original)
-
-
-# -- ibkit data cache-features ----------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    """``ibkit data cache-features --cache_dir DIR --config run.yaml [...]``: build the caches of a run's datasets."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="ibkit data cache-features",
-        description="Encode a training configuration's images once with its frozen encoder and store the features. "
-        "Every option not listed here (--config FILE, --model.x=..., --data.y=...) is the training configuration.",
-    )
-    parser.add_argument("--cache_dir", required=True, help="folder of the caches (one subfolder per dataset)")
-    parser.add_argument("--stages", default="fit,validate", help="comma list: fit (training sets), validate/test (held-out)")
-    parser.add_argument("--dtype", default="auto", help="float16 | bfloat16 | auto (bf16 for a bf16 encoder)")
-    parser.add_argument("--batch_size", type=int, default=32, help="frames per encoder batch")
-    parser.add_argument("--num_workers", type=int, default=4, help="image decoding workers")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    args, config_args = parser.parse_known_args(argv)
-    if not config_args:
-        parser.error("give the training configuration, e.g. --config configs/experiments/instructblip_flant5xl.yaml")
-    from ibkit.training.export import build_from_config  # the CLI layer: data itself never imports training
-
-    module, datamodule = build_from_config(config_args)
-    module.configure_model()
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    datamodule.prepare_data()  # e.g. the tiny shapes workspace renders its images here
-    for stage in stages:
-        datamodule.setup(stage)
-    encoder = module.model.vision_encoder
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder.to(device)
-    try:
-        added = enable_feature_cache(
-            datamodule, encoder, args.cache_dir, stages=stages, dtype=args.dtype,
-            batch_size=args.batch_size, num_workers=args.num_workers,
-        )
-    except FeatureCacheError as error:
-        print(f"ibkit data cache-features: {error}")
-        return 2
-    print(f"feature cache {args.cache_dir}: {added} item(s) encoded")
-    return 0

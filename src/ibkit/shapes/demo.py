@@ -22,7 +22,7 @@ HELD_OUT = ["shapes_nocaps", "shapes_vsr", "shapes_iconqa", "shapes_scienceqa", 
 
 
 def _ibkit(args: list[str]) -> None:
-    from ibkit.cli import main
+    from ibkit.app import main
 
     print("\n$ ibkit " + " ".join(shlex.quote(a) for a in args), flush=True)
     code = main(args)

@@ -1,4 +1,4 @@
-"""Lightning side of ibkit: the training module, optimizer/schedule, FSDP plan, checkpoints, export."""
+"""Lightning side of ibkit: the training module, optimizer/schedule, FSDP plan, checkpoints, callbacks."""
 
 from ibkit.training.module import InstructBLIPModule
 from ibkit.training.optim import OptimSettings, WarmupCosineSchedule, warmup_cosine_lr

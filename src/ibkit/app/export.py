@@ -8,22 +8,10 @@ LoRA is merged, and the folder is written with the tokenizers when the configura
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ibkit.training.checkpoint import resolve_checkpoint
-
 log = logging.getLogger(__name__)
-
-
-def build_from_config(config_args: Sequence[str]) -> tuple[Any, Any]:
-    """(module, datamodule) instantiated from ``ibkit fit``-style arguments, without running anything."""
-    from ibkit.cli import build_cli
-
-    args = [a for a in config_args if a not in ("fit", "validate", "test", "predict")]
-    cli = build_cli(args, run=False)
-    return cli.model, cli.datamodule
 
 
 def processor_for(module: Any, datamodule: Any) -> Any:
@@ -49,10 +37,11 @@ def processor_for(module: Any, datamodule: Any) -> Any:
 
 
 def export_checkpoint(
-    config_args: Sequence[str], ckpt_path: str | Path, output: str | Path, with_processor: bool = True
+    module: Any, datamodule: Any, ckpt_path: str | Path, output: str | Path, with_processor: bool = True
 ) -> Path:
-    """Rebuild the model of ``config_args``, load ``ckpt_path``'s trainable weights, save to ``output``."""
-    module, datamodule = build_from_config(config_args)
+    """Load ``ckpt_path``'s trainable weights into ``module`` (built from the run's configuration), save to ``output``."""
+    from ibkit.training.checkpoint import resolve_checkpoint
+
     module.configure_model()
     checkpoint = resolve_checkpoint(ckpt_path, prefer="best")
     log.info("exporting %s", checkpoint)
@@ -61,3 +50,21 @@ def export_checkpoint(
     if with_processor and processor is None:
         log.warning("no tokenizers in the configuration: %s gets the model only", output)
     return module.model.save_pretrained(output, processor=processor)
+
+
+def export(module: Any, datamodule: Any, ckpt_path: str, output: Path, no_processor: bool = False) -> Path:
+    """Write a training checkpoint as a transformers-loadable model folder.
+
+    Every other option (--config FILE, --model.x=..., --data.y=...) is the training
+    configuration, as given to ibkit fit; it builds module and datamodule.
+
+    Args:
+        module: the training module of the run's configuration.
+        datamodule: the datamodule of the run's configuration (tokenizer folders).
+        ckpt_path: a .ckpt file, or a checkpoint folder (its best checkpoint, else last.ckpt).
+        output: folder to write.
+        no_processor: do not save the tokenizers/processor.
+    """
+    out = export_checkpoint(module, datamodule, ckpt_path, output, with_processor=not no_processor)
+    print(f"wrote {out}")
+    return out

@@ -1,0 +1,59 @@
+"""Lightning callbacks of ibkit runs (named by ``class_path`` in ``trainer.callbacks``).
+
+They live with training so that data/ stays free of Lightning's Trainer and module types.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from ibkit.data.feature_cache import FeatureCacheError, enable_feature_cache
+
+
+class FeatureCacheCallback(Callback):
+    """Lightning callback: train and evaluate from cached frozen-encoder features.
+
+    In YAML: ``trainer.callbacks: [{class_path: ibkit.training.callbacks.FeatureCacheCallback,
+    init_args: {cache_dir: cache/features}}]`` together with ``data.train_augment: false``. Missing
+    features are computed at ``setup`` on this rank's device (each rank a slice). A model that is
+    loaded in ``configure_model`` (``model.pretrained``) is loaded here already, since its encoder is
+    needed before the data loaders exist (``configure_model`` is idempotent, so Lightning's own call
+    later finds it built); under FSDP that means one unsharded copy per rank, so there prefer
+    ``ibkit data cache-features`` beforehand.
+    """
+
+    def __init__(
+        self, cache_dir: str, dtype: str = "auto", batch_size: int = 32, num_workers: int = 0, progress: bool = True
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise FeatureCacheError("FeatureCacheCallback needs a datamodule (InstructionDataModule)")
+        model = getattr(pl_module, "model", None)
+        if model is None and callable(getattr(pl_module, "configure_model", None)):
+            pl_module.configure_model()  # e.g. model.pretrained: the encoder is needed now
+            model = getattr(pl_module, "model", None)
+        if model is None:
+            raise FeatureCacheError(
+                f"FeatureCacheCallback: {type(pl_module).__name__} has no model after configure_model(); "
+                "build it in __init__ or configure_model"
+            )
+        encoder = model.vision_encoder
+        device = trainer.strategy.root_device
+        original = next(iter(encoder.parameters())).device
+        encoder.to(device)
+        try:
+            enable_feature_cache(
+                datamodule, encoder, self.cache_dir, stages=(getattr(stage, "value", stage),), dtype=self.dtype,
+                batch_size=self.batch_size, num_workers=self.num_workers, rank=trainer.global_rank,
+                world_size=trainer.world_size, barrier=lambda: trainer.strategy.barrier("feature_cache"),
+                progress=self.progress and trainer.is_global_zero,
+            )
+        finally:
+            encoder.to(original)
