@@ -97,7 +97,7 @@ def register(spec: DatasetSpec) -> None:
 
 
 # modules that register their own specs at import; imported lazily so the registry has no hard dependency
-OPTIONAL_SUITE_MODULES: tuple[str, ...] = ("ibkit.data.shapes",)
+OPTIONAL_SUITE_MODULES: tuple[str, ...] = ("ibkit.shapes.specs",)
 
 
 def _import_optional_suites() -> None:
