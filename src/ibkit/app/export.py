@@ -18,6 +18,7 @@ def processor_for(module: Any, datamodule: Any) -> Any:
     """The Processor (tokenizers + image settings): the model's own tokenizers, else the datamodule's folders."""
     from transformers import AutoTokenizer
 
+    from ibkit.data.tokenize import nested_qformer_tokenizer
     from ibkit.processor import Processor
 
     processor = module.processor()
@@ -25,8 +26,8 @@ def processor_for(module: Any, datamodule: Any) -> Any:
         return processor
     qformer_path = getattr(datamodule, "qformer_tokenizer_path", None)
     llm_path = getattr(datamodule, "llm_tokenizer_path", None)
-    if qformer_path is None and llm_path is not None and (Path(llm_path) / "qformer_tokenizer").is_dir():
-        qformer_path = str(Path(llm_path) / "qformer_tokenizer")
+    if qformer_path is None and llm_path is not None:
+        qformer_path = nested_qformer_tokenizer(llm_path)
     if not (qformer_path and llm_path):
         return None
     vision = module.model.vision_encoder

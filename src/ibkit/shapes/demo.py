@@ -9,12 +9,13 @@ equivalent shell lines are printed so a user can run the same with real data.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from ibkit.data.tokenize import QFORMER_TOKENIZER_DIR
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package
 HELD_OUT = ["shapes_nocaps", "shapes_vsr", "shapes_iconqa", "shapes_scienceqa", "shapes_hatefulmemes",
@@ -105,7 +106,7 @@ def run_heldin_check(model: str | Path, output_dir: str | Path = "outputs/heldin
     model = Path(model).resolve()
     common = [*_common(out, 0, data_seed, sizes), "--data.init_args.eval_datasets=[shapes_vqa]",
               # the model's own tokenizers: the ones built from this root's data number words differently
-              f"--data.init_args.qformer_tokenizer={model / 'qformer_tokenizer'}", f"--data.init_args.llm_tokenizer={model}"]
+              f"--data.init_args.qformer_tokenizer={model / QFORMER_TOKENIZER_DIR}", f"--data.init_args.llm_tokenizer={model}"]
     _evaluate(out, model, "check", 0, None, common)
     scores = _vqa_scores(out, "check")
     result = {kind: {"accuracy": sum(v) / len(v), "n": len(v)} for kind, v in scores.items()}
@@ -292,22 +293,3 @@ def demo(output_dir: str | None = None, seed: int = 0, stage1_steps: int | None 
     else:
         run_demo(output_dir, seed, stage1_steps, stage2_steps, max_eval_samples, sizes)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``ibkit demo`` through the old command dispatch (argparse over :func:`demo`'s options)."""
-    parser = argparse.ArgumentParser(prog="ibkit demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default=None, help="default: outputs/demo (outputs/heldin_check with --check)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stage1_steps", type=int, default=None, help="override configs/stage1.yaml")
-    parser.add_argument("--stage2_steps", type=int, default=None, help="override configs/stage2.yaml")
-    parser.add_argument("--max_eval_samples", type=int, default=None)
-    parser.add_argument("--ablation", action="store_true",
-                        help="run the stage-2 ablations (BLIP-2 Q-Former, uniform mixing) over --seeds instead")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of --ablation")
-    parser.add_argument("--sizes", default=None, help="split sizes of the shapes data, e.g. '{train: 64, val: 8, test: 8}'")
-    parser.add_argument("--check", metavar="MODEL", default=None,
-                        help="instead: held-in VQA accuracy per question type of MODEL on --check_questions fresh questions")
-    parser.add_argument("--check_questions", type=int, default=1500)
-    parser.add_argument("--check_seed", type=int, default=7, help="data seed of the fresh questions (the demo's is 0)")
-    demo(**vars(parser.parse_args(argv)))
-    return 0
