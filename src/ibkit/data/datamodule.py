@@ -30,11 +30,13 @@ from ibkit.data.collate import InstructionCollator
 from ibkit.data.dataset import BadInputTally, InstructionDataset, MixtureDataset
 from ibkit.data.registry import get_spec, load_samples
 from ibkit.data.sampler import MixtureSampler, MixtureStream, describe_mixture, mixture_weights
+from ibkit.data.shards import shard_dataset, training_stream
 from ibkit.data.tokenize import nested_qformer_tokenizer
 from ibkit.data.transforms import image_transform
 from ibkit.models.vision.base import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
+
 
 def eval_split_for(spec: Any, overrides: dict[str, str] | None = None) -> str:
     """The split a dataset is evaluated on: override, else the registry's (the paper's), else test/val."""
@@ -84,6 +86,9 @@ class InstructionDataModule(LightningDataModule):
         qformer_tokenizer / llm_tokenizer: the data's own tokenizer folders (``llm_tokenizer`` alone also
             finds an InstructBlipProcessor's ``qformer_tokenizer/``); unset, the model's come through :meth:`connect`.
         is_encoder_decoder: the LLM kind; read from the LLM folder's config.json when left ``None``.
+        shards: streamed training sources mixed like ``datasets``: ``{name: pattern}`` or ``{name: {urls:
+            pattern, buffer_size, shuffle_shards, template_set, caption_key}}`` of img2dataset webdataset
+            shards (local, brace pattern, any fsspec URL); see :mod:`ibkit.data.shards`.
     """
 
     def __init__(
@@ -120,13 +125,17 @@ class InstructionDataModule(LightningDataModule):
         max_retries: int = 8,
         block_size: int = 4096,
         pin_memory: bool = True,
+        shards: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.dataset_names = list(datasets or [])
         self.eval_dataset_names = list(eval_datasets or [])
-        if not self.dataset_names and not self.eval_dataset_names:
-            raise ValueError("InstructionDataModule needs `datasets` (training) and/or `eval_datasets`")
+        self.shards = dict(shards or {})
+        if not self.dataset_names and not self.eval_dataset_names and not self.shards:
+            raise ValueError("InstructionDataModule needs `datasets`/`shards` (training) and/or `eval_datasets`")
+        if set(self.shards) & set(self.dataset_names):
+            raise ValueError(f"names in both datasets and shards: {sorted(set(self.shards) & set(self.dataset_names))}")
         for name in self.dataset_names + self.eval_dataset_names:
             get_spec(name)  # fails early, listing the known names
         if batch_size <= 0:
@@ -172,6 +181,7 @@ class InstructionDataModule(LightningDataModule):
         # Resume bookkeeping: stream position and Trainer.global_step when the position was recorded.
         self._base_position = 0
         self._base_step = 0
+        self._saved_stream_slots: int | None = None  # shard streams: slots of the checkpointed run
 
     # ------------------------------------------------------------------------------------ tokenizers
     def connect(self, processor: Any | None, is_encoder_decoder: bool) -> dict[str, Any] | None:
@@ -252,7 +262,7 @@ class InstructionDataModule(LightningDataModule):
         return load_samples(name, self.data_root, split, overrides=self.paths.get(name), strict=self.strict)
 
     def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit") and self.train_dataset is None and self.dataset_names:
+        if stage in (None, "fit") and self.train_dataset is None and (self.dataset_names or self.shards):
             self._setup_train()
         if self.eval_datasets is None and self.eval_dataset_names:
             self._setup_eval()
@@ -285,6 +295,12 @@ class InstructionDataModule(LightningDataModule):
                     strict=self.strict,
                     max_retries=self.max_retries,
                     require_target=True,
+                )
+            )
+        for name, config in self.shards.items():
+            parts.append(
+                shard_dataset(
+                    name, config, transform, seed=self.seed, strict=self.strict, max_retries=self.max_retries
                 )
             )
         self.train_dataset = MixtureDataset(parts)
@@ -372,6 +388,7 @@ class InstructionDataModule(LightningDataModule):
             "seed": self.seed,
             "mixture": dict(self.mixture),
             "bad_input": self.bad_input.state_dict(),
+            "stream_slots": getattr(getattr(self.sampler, "stream", None), "num_slots", None),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -388,6 +405,7 @@ class InstructionDataModule(LightningDataModule):
         self._base_position = int(state_dict["position"])
         self._base_step = int(state_dict.get("global_step", 0))
         self.bad_input.load_state_dict(state_dict.get("bad_input", {}))
+        self._saved_stream_slots = state_dict.get("stream_slots")
         if self.sampler is not None:
             self.sampler.set_position(self._base_position)
 
@@ -410,12 +428,23 @@ class InstructionDataModule(LightningDataModule):
             raise ValueError("no training datasets configured (datamodule.datasets is empty)")
         rank, world_size = self._rank_world()
         self._check_trainer_sampler_flag(world_size)
-        stream = MixtureStream(
-            self.train_dataset.sizes,
+        stream = training_stream(
+            self.train_dataset.datasets,
             [self.mixture[n] for n in self.train_dataset.names],
             seed=self.seed,
             block_size=self.block_size,
+            world_size=world_size,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
         )
+        slots = getattr(stream, "num_slots", None)
+        if slots is not None and self._saved_stream_slots not in (None, slots):
+            log.warning(
+                "resuming shard streams with %d slots (ranks x workers), the checkpoint had %d: shards are "
+                "split anew and this epoch may repeat or miss samples",
+                slots,
+                self._saved_stream_slots,
+            )
         self.sampler = _TrainerPositionSampler(stream, self, rank=rank, world_size=world_size)
         return self._loader(self.train_dataset, self.sampler, self.batch_size, self._collator("train"))
 

@@ -7,6 +7,7 @@ preprocessing; the tensor conversion and normalisation come after. Unreadable in
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -38,8 +39,17 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise BadInputError("missing_file", path, "image file not found")
+    return _decode(path, path)
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """An encoded image held in memory (a tar member), decoded like :func:`load_image`; ``name`` for errors."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: Path | io.BytesIO, path: str | Path) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
             return image.convert("RGB")
     except OSError as error:
