@@ -115,11 +115,11 @@ class QFormerLayer(nn.Module):
         self.output_query = QFormerResidualOutput(cfg, cfg.intermediate_size)
 
     def forward(
-        self, hidden: torch.Tensor, self_mask: torch.Tensor | None, image_tokens: torch.Tensor, num_queries: int
+        self, hidden: torch.Tensor, self_mask: torch.Tensor | None, image_tokens: torch.Tensor | None, num_queries: int
     ) -> torch.Tensor:
         hidden = self.attention(hidden, mask=self_mask)
         queries, text = hidden[:, :num_queries], hidden[:, num_queries:]
-        if self.has_cross_attention:
+        if self.has_cross_attention and num_queries > 0:  # a text-only pass has no image to attend to
             queries = self.crossattention(queries, kv=image_tokens)
         queries = self.output_query(self.intermediate_query(queries), queries)
         if text.shape[1] == 0:
@@ -205,26 +205,40 @@ class QFormer(nn.Module):
     def forward_hidden(
         self,
         queries: torch.Tensor,
-        image_tokens: torch.Tensor,
+        image_tokens: torch.Tensor | None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
         """The whole last-layer sequence [queries ; instruction] (B, Q + L, hidden).
 
-        With zero queries (``queries`` of shape (B, 0, hidden)) the text path is a plain BERT encoder,
-        which is how a BERT initialisation is checked.
+        With zero queries (``queries`` of shape (B, 0, hidden)) the text path is a plain BERT encoder
+        (``image_tokens`` may then be None): BLIP-2's unimodal text pass, and how a BERT initialisation
+        is checked. ``causal=True`` is BLIP-2's multimodal causal mask (its ITG loss): queries see the
+        queries only, each text token sees every query and the text up to itself.
         """
         if not self.config.instruction_aware:
             input_ids, attention_mask = None, None
         hidden = self.embed(queries, input_ids)
         num_queries = queries.shape[1]
+        if image_tokens is None and num_queries > 0:
+            raise ValueError("the queries cross-attend to the image: pass image_tokens")
         self_mask = None
-        if attention_mask is not None and input_ids is not None:
+        if input_ids is not None and (attention_mask is not None or causal):
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
             keep = torch.cat((attention_mask.new_ones(attention_mask.shape[0], num_queries), attention_mask), 1)
-            # additive mask (B, 1, 1, L): padding keys get a large negative score
+            keep = keep.bool()[:, None, None, :]  # (B, 1, 1, L): padding keys are never seen
+            if causal:
+                length = keep.shape[-1]
+                pos = torch.arange(length, device=keep.device)
+                sees = (pos[None, :] <= pos[:, None]) & (pos[:, None] >= num_queries)  # text: earlier text
+                sees |= pos[None, :] < num_queries  # everyone sees the queries
+                keep = keep & sees  # (B, 1, L, L)
+            # additive mask: hidden keys get a large negative score
             self_mask = torch.zeros(keep.shape, dtype=hidden.dtype, device=hidden.device)
-            self_mask = self_mask.masked_fill(keep == 0, torch.finfo(hidden.dtype).min)[:, None, None, :]
-        image_tokens = image_tokens.to(hidden.dtype)
+            self_mask = self_mask.masked_fill(~keep, torch.finfo(hidden.dtype).min)
+        image_tokens = image_tokens.to(hidden.dtype) if image_tokens is not None else None
         for layer in self.encoder.layer:
             if self.gradient_checkpointing and self.training and hidden.requires_grad:
                 hidden = torch.utils.checkpoint.checkpoint(
