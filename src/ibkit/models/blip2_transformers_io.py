@@ -44,11 +44,9 @@ _QFORMER_RENAMES = (
 
 
 def _instructblip_io() -> ModuleType:
-    """The InstructBlip folder mapping (moving from ibkit.convert to ibkit.models in issue 16)."""
-    try:
-        from ibkit.models import transformers_io
-    except ImportError:  # before the issue-16 layout: remove this fallback once it is merged
-        from ibkit.convert import transformers_io  # type: ignore[no-redef]
+    """The InstructBlip folder mapping, which BLIP-2's folders share most of their names with."""
+    from ibkit.models import transformers_io
+
     return transformers_io
 
 
