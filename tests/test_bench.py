@@ -1,4 +1,8 @@
-"""`ibkit bench`: runs end to end at the tiny size and writes a complete, consistent report (never timed)."""
+"""`ibkit bench`: runs end to end at the tiny size and writes a complete, consistent report (never timed).
+
+The report is made twice, with the fp32 and the bf16 policy forced (``IBKIT_CPU_BF16``), so both code
+paths run whatever bf16 support the CPU has.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,13 @@ import pytest
 import torch
 
 from ibkit.app import main
-from ibkit.bench.runner import TARGETS, ratios
+from ibkit.bench.runner import TARGETS, Bench, ratios
 from ibkit.bench.sizes import FULL, SIZES, SMALL
+from ibkit.models.precision import CPU_BF16_ENV
 
 EXPECTED_KEYS = {
     "size", "size_config", "device", "machine", "versions", "matmul_peak_tflops", "matmul_size", "fast_bf16",
-    "policy", "settings", "parameters", "results", "ratios", "checks", "wall_time_s", "phase_seconds",
+    "fast_bf16_forced", "policy", "settings", "parameters", "results", "ratios", "checks", "wall_time_s", "phase_seconds",
 }
 ROW_KEYS = {
     "workload", "setting", "impl", "label", "times_s", "median_s", "min_s", "time_s", "throughput",
@@ -22,18 +27,26 @@ ROW_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
+# the value of IBKIT_CPU_BF16 that forces each policy
+FORCED_POLICIES = {"fp32": "0", "bf16": "1"}
+
+
+@pytest.fixture(scope="module", params=sorted(FORCED_POLICIES))
+def report(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"bench-{request.param}")
     threads = torch.get_num_threads()
-    try:
-        code = main(["bench", "--size", "tiny", "--repeats", "1", "--output_dir", str(out), "--threads", "1",
-                     "--candidates", "6", "--no_progress", "true"])
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(CPU_BF16_ENV, FORCED_POLICIES[request.param])
+        try:
+            code = main(["bench", "--size", "tiny", "--repeats", "1", "--output_dir", str(out), "--threads", "1",
+                         "--candidates", "6", "--no_progress", "true"])
+        finally:
+            torch.set_num_threads(threads)
     assert code == 0
     assert (out / "bench.md").read_text().startswith("# ibkit bench: size `tiny`")
-    return json.loads((out / "bench.json").read_text())
+    result = json.loads((out / "bench.json").read_text())
+    assert result["fast_bf16"] is result["fast_bf16_forced"] is (request.param == "bf16")
+    return result
 
 
 def test_report_has_every_section_and_workload(report):
@@ -69,6 +82,8 @@ def test_rows_are_internally_consistent(report):
     assert train["hf_bf16"]["flops"] == train["hf_fp32"]["flops"]
     if report["fast_bf16"]:  # frozen parts stored in bf16: less resident than fp32 transformers
         assert train["ibkit"]["resident_bytes"] < train["hf_fp32"]["resident_bytes"]
+    else:
+        assert {r["compute_dtype"] for r in report["results"] if r["impl"].startswith("ibkit")} == {"fp32"}
 
 
 def test_ranking_reuse_does_far_less_work_and_agrees(report):
@@ -78,6 +93,29 @@ def test_ranking_reuse_does_far_less_work_and_agrees(report):
     checks = report["checks"]["rank"]
     assert set(checks) == {"hf_bf16", "hf_bf16_batched", "ibkit"}
     assert all(c["max_rel_diff_vs_hf_fp32"] < 0.05 for c in checks.values())
+    if not report["fast_bf16"]:  # the fp32 policy computes what transformers fp32 computes, after training too
+        assert checks["ibkit"]["max_rel_diff_vs_hf_fp32"] < 1e-4 and checks["ibkit"]["same_best_candidate"]
+
+
+@pytest.mark.parametrize("policy", sorted(FORCED_POLICIES))
+def test_training_workload_leaves_no_trace(policy, monkeypatch):
+    """After the training workload every model is back as built: same weights and buffers, eval mode."""
+    monkeypatch.setenv(CPU_BF16_ENV, FORCED_POLICIES[policy])
+    bench = Bench(SIZES["tiny"], torch.device("cpu"))
+    models = {"ibkit": bench.ours, "ibkit inference": bench.ours_infer, **bench.hf}
+    assert (bench.ours_infer is bench.ours) is (policy == "fp32")  # fp32: ranking runs the trained model
+    before = {key: {k: v.clone() for k, v in m.state_dict().items()} for key, m in models.items()}
+    impls, _ = bench.train_impls(with_cache=False)
+    snapshot = bench.snapshot()
+    for impl in impls:
+        impl.run()
+    bench.restore(snapshot)
+    for key, model in models.items():
+        assert not [name for name, m in model.named_modules() if m.training], f"{key} left in training mode"
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in before[key].items()), f"{key}'s weights changed"
+    llm = bench.ours.language_model.base_model.config
+    assert llm._attn_implementation == bench.policy.llm_inference_attention
 
 
 def test_ratio_entries_follow_the_results(report):

@@ -13,10 +13,12 @@ from ibkit import InstructBLIP, LanguageModel
 from ibkit.bench.runner import build_transformers
 from ibkit.models import EVAViT, EVAViTConfig
 from ibkit.models.precision import (
+    CPU_BF16_ENV,
     PrecisionPolicy,
     apply_precision_policy,
     compile_model,
     default_policy,
+    fast_bf16,
     inference_model,
 )
 from ibkit.models.transformers_io import qformer_config_from_hf
@@ -256,7 +258,8 @@ def test_frozen_encoder_chunks_give_the_whole_batch_result(model):
     assert inference_model(base, policy).frozen_encoder_chunk == 2 and base.frozen_encoder_chunk is None
 
 
-def test_default_policy_follows_measured_bf16_speed():
+def test_default_policy_follows_measured_bf16_speed(monkeypatch):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)  # measured, not forced
     slow = default_policy("cpu", peaks={"fp32": 1.0, "bf16": 1.2})
     assert slow.frozen_dtype is None and slow.autocast_dtype is None  # bf16 would not pay: all fp32
     fast = default_policy("cpu", peaks={"fp32": 1.0, "bf16": 4.0})
@@ -264,6 +267,22 @@ def test_default_policy_follows_measured_bf16_speed():
     assert fast.llm_attention == "eager" and fast.llm_inference_attention == "sdpa" and fast.vision_attention == "explicit"
     assert fast.inference_encoder_chunk == 2
     assert default_policy("cpu", {"fp32": 1, "bf16": 4}, encoder_decoder=False).llm_attention is None
+
+
+def test_cpu_bf16_env_forces_the_policy_whatever_the_peaks(monkeypatch):
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    forced_fp32 = default_policy("cpu", peaks={"fp32": 1.0, "bf16": 4.0})
+    assert forced_fp32.frozen_dtype is forced_fp32.autocast_dtype is forced_fp32.inference_dtype is None
+    assert forced_fp32.vision_attention == "explicit"  # the CPU kernels do not depend on bf16
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    forced_bf16 = default_policy("cpu", peaks={"fp32": 1.0, "bf16": 1.0})
+    assert forced_bf16.frozen_dtype == forced_bf16.autocast_dtype == forced_bf16.inference_dtype == "bf16"
+    assert fast_bf16("cpu")  # forced: no matmul is timed
+    monkeypatch.setenv(CPU_BF16_ENV, "")
+    assert not fast_bf16("cpu", peaks={"fp32": 1.0, "bf16": 1.0})  # empty: measured again
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match=CPU_BF16_ENV):
+        fast_bf16("cpu")
 
 
 def test_inference_copy_shares_frozen_weights_and_stores_the_bridge_in_bf16(model):

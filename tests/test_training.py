@@ -316,29 +316,32 @@ def test_module_can_checkpoint_llm_blocks_of_a_frozen_llm():
     assert module.model.query_tokens.grad is not None and module.model.query_tokens.grad.abs().sum() > 0
 
 
-def test_fast_paths_switch_trains_fp32_masters_and_tests_on_a_bf16_copy(workspace, tmp_path, monkeypatch):
-    """``model.fast_paths``: frozen parts stored in bf16, trainable fp32, test/predict on a bf16-bridge copy."""
-    import ibkit.models.precision as precision
+@pytest.mark.parametrize("fast_bf16", [True, False], ids=["bf16", "fp32"])
+def test_fast_paths_switch_trains_fp32_masters_and_tests_on_a_bf16_copy(workspace, tmp_path, monkeypatch, fast_bf16):
+    """``model.fast_paths``: frozen parts stored in bf16, trainable fp32, test/predict on a bf16-bridge copy;
+    where bf16 is slow, everything fp32 and test/predict on the trained model itself (both forced, whatever the CPU)."""
     from ibkit.app.config import build_cli
+    from ibkit.models.precision import CPU_BF16_ENV
 
-    monkeypatch.setattr(precision, "fast_bf16", lambda *args, **kwargs: True)  # CI CPUs may lack bf16 units
+    monkeypatch.setenv(CPU_BF16_ENV, "1" if fast_bf16 else "0")
     run = tmp_path / "run"
     cli = build_cli(["fit", *tiny_args(workspace, run, "--trainer.max_steps=6", "--trainer.val_check_interval=3",
                                        "--model.fast_paths=true")], run=False)
     module, datamodule = cli.model, cli.datamodule
     cli.trainer.fit(module, datamodule=datamodule)
     net = module.model
-    assert module._policy is not None and module._policy.frozen_dtype == "bf16"
-    assert net.vision_encoder.encoder.layers[0].mlp.fc1.weight.dtype == torch.bfloat16
-    assert net.language_model.dtype == torch.bfloat16
+    frozen = torch.bfloat16 if fast_bf16 else torch.float32
+    assert module._policy is not None and module._policy.frozen_dtype == ("bf16" if fast_bf16 else None)
+    assert net.vision_encoder.encoder.layers[0].mlp.fc1.weight.dtype == frozen
+    assert net.language_model.dtype == frozen
     assert all(p.dtype == torch.float32 for p in net.trainable_parameters().values())
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert all(v.dtype == torch.float32 for v in checkpoint["state_dict"].values())
     assert module._inference is None  # validation inside fit used the weights being trained
     cli.trainer.test(module, datamodule=datamodule)
     infer = module._inference
-    assert infer is not None and infer is not net
-    assert all(p.dtype == torch.bfloat16 for p in infer.qformer.parameters())
+    assert (infer is net) is not fast_bf16
+    assert all(p.dtype == (torch.bfloat16 if fast_bf16 else torch.float32) for p in infer.qformer.parameters())
     assert all(p.dtype == torch.float32 for p in net.qformer.parameters())
     assert cli.trainer.callback_metrics  # the test protocol ran on the copy
 

@@ -31,7 +31,8 @@ def markdown(report: dict[str, Any]) -> str:
            if "load_average_start" in m else ""),
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- measured matmul peak ({report['matmul_size']}^2): fp32 {peaks['fp32']:.3f} TFLOP/s, "
-        f"bf16 {peaks['bf16']:.3f} TFLOP/s (bf16 {'is' if report['fast_bf16'] else 'is not'} fast here)",
+        f"bf16 {peaks['bf16']:.3f} TFLOP/s (bf16 {'is' if report['fast_bf16'] else 'is not'} fast here"
+        + (", forced by IBKIT_CPU_BF16)" if report.get("fast_bf16_forced") is not None else ")"),
         f"- ibkit policy: {report['policy']}" + (" + torch.compile" if report.get("compile_ibkit") else ""),
         f"- {report['settings']['warmup']} warm-up run(s), then {report['settings']['repeats']} alternating timed "
         f"rounds ({report['settings']['rank_repeats']} for ranking); times, throughputs and ratios use the "

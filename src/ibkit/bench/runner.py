@@ -47,6 +47,7 @@ from ibkit.models.precision import (
     PrecisionPolicy,
     apply_precision_policy,
     default_policy,
+    forced_fast_bf16,
     inference_model,
     matmul_peak,
 )
@@ -258,7 +259,11 @@ class Bench:
         return {k: {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad} for k, m in models.items()}
 
     def restore(self, snapshot: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Undo the training workload's optimizer steps, so later workloads run identical weights again."""
+        """Undo the training workload: weights, optimizer state and modes back as built.
+
+        Without fast bf16 ``ours_infer`` is ``ours`` itself, so this is what later workloads run: left in
+        training mode it would rank and generate with dropout on.
+        """
         models = {"ibkit": self.ours, **self.hf}
         with torch.no_grad():
             for key, params in snapshot.items():
@@ -267,6 +272,9 @@ class Bench:
                     named[name].copy_(value)
         for optimizer in self.optimizers.values():
             optimizer.state.clear()
+        for model in models.values():
+            model.eval()
+        self.policy.set_mode(self.ours, training=False)
 
     def _hf_pixels(self, key: str, x: Inputs) -> torch.Tensor:
         return x.pixel_values.to(torch.bfloat16 if "bf16" in key else torch.float32)
@@ -360,6 +368,7 @@ class Bench:
             impls.append(Impl(key, gen, self._resident(key), "bf16" if "bf16" in key else "fp32"))
 
         def ours() -> torch.Tensor:
+            self.ours_infer.eval()  # the trained model itself under the fp32 policy
             self.policy.set_mode(self.ours_infer, training=False)  # stored precisions, no autocast (see ibkit.models.precision)
             return self.ours_infer.generate(
                 x.pixel_values, x.qformer_input_ids, x.qformer_attention_mask, x.input_ids, x.attention_mask, **kwargs
@@ -437,6 +446,7 @@ class Bench:
         impls.append(Impl("hf_bf16_batched", batched, self._resident("hf_bf16_batched"), "bf16"))
 
         def ours() -> torch.Tensor:
+            self.ours_infer.eval()  # the trained model itself under the fp32 policy
             self.policy.set_mode(self.ours_infer, training=False)
             return self.ours_infer.score_candidates(
                 x.pixel_values, x.qformer_input_ids, x.qformer_attention_mask, x.input_ids, x.attention_mask,
@@ -629,6 +639,7 @@ def run_bench(
         "matmul_peak_tflops": peaks,
         "matmul_size": spec.matmul_size or (8192 if dev.type == "cuda" else 2048),
         "fast_bf16": bool(bench.policy.frozen_dtype),
+        "fast_bf16_forced": forced_fast_bf16(dev),  # None: decided from the measured peaks
         "policy": bench.policy.as_dict(),
         "compile_ibkit": compile_ibkit,
         "settings": {

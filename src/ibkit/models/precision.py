@@ -21,13 +21,16 @@ The policy (what ``ibkit bench`` measures as "ibkit"):
   model does: the frozen weights are shared, not copied, so inference memory is the all-bf16 model's;
 * hardware without fast bf16 keeps everything in fp32: the policy never slows a machine down.
 
-"Fast bf16" is measured, not assumed: :func:`matmul_peak` times square matmuls in both precisions.
+"Fast bf16" is measured, not assumed: :func:`matmul_peak` times square matmuls in both precisions. On
+CPU the environment variable ``IBKIT_CPU_BF16`` (``1`` or ``0``) forces the decision instead, so that
+tests and CI run either policy on any machine (:func:`forced_fast_bf16`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -43,6 +46,8 @@ from ibkit.models.vision.eva_vit import EVAAttention
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
 # bf16 counts as "fast" when a bf16 matmul beats fp32 by this factor
 FAST_BF16_FACTOR = 1.5
+# "1" / "0" force the CPU's fast-bf16 decision (unset or empty: measure it)
+CPU_BF16_ENV = "IBKIT_CPU_BF16"
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -109,9 +114,28 @@ class PrecisionPolicy:
         return asdict(self)
 
 
+def forced_fast_bf16(device: torch.device | str) -> bool | None:
+    """The fast-bf16 decision forced by ``IBKIT_CPU_BF16`` on a CPU ``device``; ``None``: measure it.
+
+    Lets one machine run both policies (the suite forces each in turn) and lets users pin one.
+    """
+    if torch.device(device).type != "cpu":
+        return None
+    value = os.environ.get(CPU_BF16_ENV, "").strip()
+    if not value:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{CPU_BF16_ENV} must be 1 (fast bf16) or 0 (fp32), or unset to measure; got {value!r}")
+    return value == "1"
+
+
 def fast_bf16(device: torch.device | str, peaks: dict[str, float] | None = None) -> bool:
-    """Whether bf16 pays on ``device``: measured matmul peaks (``{"fp32": ..., "bf16": ...}``) when given."""
+    """Whether bf16 pays on ``device``: forced by ``IBKIT_CPU_BF16`` on CPU, else from the matmul peaks
+    (``{"fp32": ..., "bf16": ...}``, measured here when not given)."""
     device = torch.device(device)
+    forced = forced_fast_bf16(device)
+    if forced is not None:
+        return forced
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return False
     if peaks is None:
