@@ -168,7 +168,7 @@ def test_build_from_config_is_the_command_line_configuration(tmp_path):
 
 
 def test_run_lightning_fits_and_resumes(tmp_path):
-    from ibkit.training.tiny import prepare_tiny_workspace
+    from ibkit.shapes.datamodule import prepare_tiny_workspace
 
     workspace, run = tmp_path / "ws", tmp_path / "run"
     prepare_tiny_workspace(workspace)
