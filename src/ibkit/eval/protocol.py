@@ -40,19 +40,23 @@ PERCENT_METRICS = ("cider", "vqa_accuracy", "accuracy", "auc", "mrr", "ivqa_accu
 def candidate_tensors(
     tokenizer: Any, candidates: list[list[str]], is_encoder_decoder: bool, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise each sample's candidates to (B, C, L) ids + mask; every candidate ends with EOS.
+    """Tokenise each sample's candidates to (B, C, L) ids + mask, as LAVIS scores them.
 
-    No BOS (the candidate continues the prompt). Samples with fewer candidates get all-zero rows, which
-    ``score_candidates`` scores ``-inf``.
+    No BOS (the candidate continues the prompt). T5 candidates end with EOS (LAVIS's T5 tokenizer adds
+    ``</s>``); decoder-only candidates do not (LAVIS's Vicuna ranking drops the BOS and adds no EOS), so
+    a decoder-only LLM is never charged for stopping. Samples with fewer candidates (and, decoder-only,
+    a candidate that tokenizes to nothing) get all-zero rows, which ``score_candidates`` scores ``-inf``.
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no EOS token; ranking needs one to end candidates")
+    suffix: list[int] = []
+    if is_encoder_decoder:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no EOS token; T5 ranking ends candidates with one")
+        suffix = [tokenizer.eos_token_id]
     flat = [c for row in candidates for c in row]
     encoded = tokenizer(flat, add_special_tokens=False)["input_ids"]
     rows, k = [], 0
     for row in candidates:
-        rows.append([ids + [eos] for ids in encoded[k : k + len(row)]])
+        rows.append([list(ids) + suffix for ids in encoded[k : k + len(row)]])
         k += len(row)
     num_cands = max(len(r) for r in rows)
     length = max(len(ids) for r in rows for ids in r)
@@ -66,10 +70,16 @@ def candidate_tensors(
 
 
 def generation_settings(spec: DatasetSpec, is_encoder_decoder: bool, overrides: dict | None = None) -> dict:
-    """The dataset's beam settings; LAVIS uses length penalty 0 instead of -1 for decoder-only LLMs."""
+    """The dataset's beam settings as LAVIS runs them for this kind of LLM, then ``overrides``.
+
+    Decoder-only LLMs use length penalty 0 instead of -1. The spec's ``min_new_tokens`` is LAVIS's
+    ``min_length``, which for T5 counts the decoder start token: one fewer new token for T5.
+    """
     settings = dict(spec.generation)
     if not is_encoder_decoder and settings.get("length_penalty", 0) < 0:
         settings["length_penalty"] = 0.0
+    if is_encoder_decoder and "min_new_tokens" in settings:
+        settings["min_new_tokens"] = max(0, int(settings["min_new_tokens"]) - 1)
     settings.update(overrides or {})
     return settings
 
@@ -81,9 +91,15 @@ MODEL_INPUTS = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "
 def predict_batch(
     model: Any, batch: dict[str, Any], spec: DatasetSpec, llm_tokenizer: Any, generation_overrides: dict | None = None
 ) -> list[dict[str, Any]]:
-    """One record per sample: generated text, or per-candidate log-likelihoods and the chosen candidate."""
+    """One record per sample: generated text, or per-candidate log-likelihoods and the chosen candidate.
+
+    Every record also says what was asked: ``prompt`` (the text the LLM was given, after any truncation)
+    and ``generation`` (the settings ``generate`` ran with) or ``ranking`` (how candidates were scored),
+    so the protocol can be checked from the prediction files alone.
+    """
     if not batch.get("sample_ids"):
         return []
+    prompts = batch.get("prompts") or batch.get("instructions") or [None] * len(batch["sample_ids"])
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if "image_features" in batch:
         inputs["image_features"] = batch["image_features"]
@@ -95,7 +111,8 @@ def predict_batch(
         texts = [t.strip() for t in llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]
         for i, text in enumerate(texts):
             records.append(
-                {"sample_id": batch["sample_ids"][i], "prediction": text, "answers": batch["answers"][i]}
+                {"sample_id": batch["sample_ids"][i], "prediction": text, "answers": batch["answers"][i],
+                 "prompt": prompts[i], "generation": dict(kwargs)}
             )
         return records
     candidates = batch["candidates"]
@@ -103,6 +120,8 @@ def predict_batch(
         raise ValueError(f"{spec.name}: ranking needs candidates for every sample")
     device = inputs["input_ids"].device
     cand_ids, cand_mask = candidate_tensors(llm_tokenizer, candidates, model.is_encoder_decoder, device)
+    ranking = {"score": "sum of candidate token log-likelihoods",
+               "candidate_ends_with_eos": bool(model.is_encoder_decoder)}
     scores = model.score_candidates(
         inputs.get("pixel_values"), inputs.get("qformer_input_ids"), inputs.get("qformer_attention_mask"),
         inputs["input_ids"], inputs.get("attention_mask"), cand_ids, cand_mask,
@@ -119,6 +138,8 @@ def predict_batch(
                 "label": batch["labels_idx"][i],
                 "candidates": list(row),
                 "scores": [round(float(v), 5) for v in s],
+                "prompt": prompts[i],
+                "ranking": ranking,
             }
         )
     return records

@@ -1,20 +1,32 @@
 """Prompts, generation settings and folders that several dataset families share.
 
-Generation settings follow LAVIS (reference/instructblip.md): length_penalty -1 is the FlanT5 value
-for short answers (Vicuna uses 0; the evaluation code may override it per LLM).
+Generation settings follow LAVIS (reference/instructblip.md and its ``generate`` / ``predict_answers``):
+- repetition penalty 1.5 everywhere: LAVIS's ``generate`` default, which neither the captioning task nor
+  ``predict_answers`` overrides;
+- ``min_new_tokens`` holds LAVIS's ``min_length``, which for a decoder-only LLM (generating from
+  ``inputs_embeds`` only) counts new tokens, but for T5 also counts the decoder start token:
+  :func:`ibkit.eval.protocol.generation_settings` takes one off for encoder-decoder LLMs;
+- length_penalty -1 is the FlanT5 value for short answers (Vicuna uses 0: the evaluation code turns it).
 """
 
 from __future__ import annotations
 
-GEN_CAPTION = {"num_beams": 5, "max_new_tokens": 80, "min_new_tokens": 10, "length_penalty": 1.0}
-GEN_SHORT = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
-GEN_QUESTION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1, "length_penalty": 1.0}
+REPETITION_PENALTY = 1.5
+GEN_CAPTION = {
+    "num_beams": 5, "max_new_tokens": 80, "min_new_tokens": 10, "length_penalty": 1.0,
+    "repetition_penalty": REPETITION_PENALTY,
+}
+GEN_SHORT = {
+    "num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0,
+    "repetition_penalty": REPETITION_PENALTY,
+}
+GEN_QUESTION = {
+    "num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1, "length_penalty": 1.0,
+    "repetition_penalty": REPETITION_PENALTY,
+}
 GEN_LONG = {
-    "num_beams": 5,
-    "max_new_tokens": 256,
-    "min_new_tokens": 1,
-    "length_penalty": 1.0,
-    "repetition_penalty": 1.5,
+    "num_beams": 5, "max_new_tokens": 256, "min_new_tokens": 1, "length_penalty": 1.0,
+    "repetition_penalty": REPETITION_PENALTY,
 }
 PROMPT_CAPTION = "A short image description:"
 PROMPT_SHORT_QA = "Question: {question} Short answer:"
