@@ -2,7 +2,9 @@
 
 Model convention (LAVIS): ``input_ids`` carry no image placeholder tokens; the model puts the 32
 visual vectors in front of them itself. Both prompts are truncated on the left (the end of an
-instruction, where the question is, matters most); targets are truncated on the right.
+instruction, where the question is, matters most); targets are truncated on the right. A limit of
+``None`` keeps the whole prompt: LAVIS truncates only the Q-Former text at inference, never the LLM
+prompt (the datamodule's evaluation default).
 
 Rows per kind of language model:
 
@@ -76,7 +78,7 @@ class InstructionCollator:
         is_encoder_decoder: bool,
         mode: str = "train",
         max_qformer_len: int = 128,
-        max_prompt_len: int = 128,
+        max_prompt_len: int | None = 128,
         max_target_len: int = 256,
     ) -> None:
         if mode not in COLLATE_MODES:
@@ -97,7 +99,7 @@ class InstructionCollator:
             ("max_qformer_len", max_qformer_len, self.qformer_prefix + self.qformer_suffix),
             ("max_prompt_len", max_prompt_len, self.llm_prefix + self.llm_suffix),
         ):
-            if limit <= len(frame):
+            if limit is not None and limit <= len(frame):
                 raise ValueError(
                     f"{name}={limit} leaves no room for text next to {len(frame)} special token(s)"
                 )
@@ -177,7 +179,20 @@ class InstructionCollator:
             batch["instructions"]
         )
         batch.update(self.tokenize_llm(batch["instructions"], targets))
+        if self.mode == "generate":
+            batch["prompts"] = self.llm_prompt_texts(batch["instructions"])
         return batch
+
+    def llm_prompt_texts(self, instructions: list[str]) -> list[str]:
+        """The instruction text the LLM was given: the instruction itself, or, where ``max_prompt_len`` cut
+        it, the decoded part that was kept (so prediction records show what was really asked)."""
+        if self.max_prompt_len is None:
+            return list(instructions)
+        room = self.max_prompt_len - len(self.llm_prefix) - len(self.llm_suffix)
+        return [
+            text if len(ids) <= room else self.llm_tokenizer.decode(ids[len(ids) - room :])
+            for text, ids in zip(instructions, encode_plain(self.llm_tokenizer, instructions))
+        ]
 
     @staticmethod
     def _stack_pixels(items: list[dict[str, Any]]) -> torch.Tensor:

@@ -86,6 +86,10 @@ class InstructionDataModule(LightningDataModule):
         qformer_tokenizer / llm_tokenizer: the data's own tokenizer folders (``llm_tokenizer`` alone also
             finds an InstructBlipProcessor's ``qformer_tokenizer/``); unset, the model's come through :meth:`connect`.
         is_encoder_decoder: the LLM kind; read from the LLM folder's config.json when left ``None``.
+        max_qformer_len / max_prompt_len / max_target_len: training token limits (LAVIS: 128 / 128 / 256).
+        eval_max_qformer_len / eval_max_prompt_len: the evaluation batches' limits; by default LAVIS's
+            inference: the Q-Former text cut (on the left) as in training (``None``: ``max_qformer_len``),
+            the LLM prompt never cut (``None``).
         shards: streamed training sources mixed like ``datasets``: ``{name: pattern}`` or ``{name: {urls:
             pattern, buffer_size, shuffle_shards, template_set, caption_key}}`` of img2dataset webdataset
             shards (local, brace pattern, any fsspec URL); see :mod:`ibkit.data.shards`.
@@ -122,6 +126,8 @@ class InstructionDataModule(LightningDataModule):
         max_qformer_len: int = 128,
         max_prompt_len: int = 128,
         max_target_len: int = 256,
+        eval_max_qformer_len: int | None = None,
+        eval_max_prompt_len: int | None = None,
         max_retries: int = 8,
         block_size: int = 4096,
         pin_memory: bool = True,
@@ -167,6 +173,8 @@ class InstructionDataModule(LightningDataModule):
         self.max_lengths = dict(
             max_qformer_len=max_qformer_len, max_prompt_len=max_prompt_len, max_target_len=max_target_len
         )
+        self.eval_max_lengths = dict(max_qformer_len=eval_max_qformer_len or max_qformer_len,
+                                     max_prompt_len=eval_max_prompt_len)
         self.max_retries = max_retries
         self.block_size = block_size
         self.pin_memory = pin_memory
@@ -255,7 +263,9 @@ class InstructionDataModule(LightningDataModule):
             self.is_encoder_decoder = bool(getattr(text_config, "is_encoder_decoder", False))
 
     def _collator(self, mode: str) -> InstructionCollator:
-        return InstructionCollator(**self.text_settings(), mode=mode)
+        """Training batches with the training limits; evaluation ("generate") batches with the evaluation ones."""
+        settings = self.text_settings() | (self.eval_max_lengths if mode == "generate" else {})
+        return InstructionCollator(**settings, mode=mode)
 
     # ------------------------------------------------------------------------------------ datasets
     def _load(self, name: str, split: str) -> list:
@@ -298,20 +308,13 @@ class InstructionDataModule(LightningDataModule):
                 )
             )
         for name, config in self.shards.items():
-            parts.append(
-                shard_dataset(
-                    name, config, transform, seed=self.seed, strict=self.strict, max_retries=self.max_retries
-                )
-            )
+            parts.append(shard_dataset(name, config, transform, seed=self.seed, strict=self.strict,
+                                       max_retries=self.max_retries))
         self.train_dataset = MixtureDataset(parts)
         sizes = dict(zip(self.train_dataset.names, self.train_dataset.sizes))
         self.mixture = mixture_weights(sizes, self.mixing, self.multipliers, self.use_default_multipliers)
-        log.info(
-            "training mixture (%s weights, seed %d):\n%s",
-            self.mixing,
-            self.seed,
-            describe_mixture(sizes, self.mixture),
-        )
+        log.info("training mixture (%s weights, seed %d):\n%s", self.mixing, self.seed,
+                 describe_mixture(sizes, self.mixture))
 
     def _setup_eval(self) -> None:
         transform = image_transform(False, self.image_size, self.mean, self.std)
@@ -395,11 +398,8 @@ class InstructionDataModule(LightningDataModule):
         if "position" not in state_dict:
             raise KeyError(f"datamodule state has no 'position' (keys: {sorted(state_dict)})")
         if int(state_dict.get("seed", self.seed)) != self.seed:
-            log.warning(
-                "resuming with data seed %d, the checkpoint used %s: the data order changes",
-                self.seed,
-                state_dict.get("seed"),
-            )
+            log.warning("resuming with data seed %d, the checkpoint used %s: the data order changes",
+                        self.seed, state_dict.get("seed"))
         # Loops (and so global_step) are restored after the datamodule: store the step the position
         # belongs to, and count only steps taken after it.
         self._base_position = int(state_dict["position"])

@@ -62,12 +62,14 @@ def pad_id(tokenizer: Any, role: str, allow_eos: bool) -> int:
 def tokenize_prompts(
     tokenizer: Any,
     texts: Sequence[str],
-    max_length: int,
+    max_length: int | None,
     frame: tuple[list[int], list[int]] | None = None,
 ) -> list[list[int]]:
     """Each text's ids inside ``frame`` (default: the tokenizer's special tokens), content cut on the left
-    so that a row holds at most ``max_length`` ids."""
+    so that a row holds at most ``max_length`` ids (``None``: never cut, as LAVIS's LLM prompts at inference)."""
     prefix, suffix = frame if frame is not None else special_token_frame(tokenizer)
+    if max_length is None:
+        return [prefix + ids + suffix for ids in encode_plain(tokenizer, texts)]
     room = max_length - len(prefix) - len(suffix)
     if room <= 0:
         raise ValueError(f"max length {max_length} leaves no room for text next to {len(prefix) + len(suffix)} special token(s)")
