@@ -13,6 +13,20 @@ from collections import Counter
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> bool:
+    """Log ``message`` as a warning the first time ``key`` is seen in this process; True when logged.
+
+    For facts about the data root that hold for every read (a missing optional file), so that a
+    reader called once per split, per worker or per evaluation does not repeat itself.
+    """
+    if key in _WARNED:
+        return False
+    _WARNED.add(key)
+    logger.warning(message)
+    return True
 
 
 class MalformedRecordError(ValueError):

@@ -289,6 +289,22 @@ def choose_target(sample: Sample, rng: random.Random) -> str | None:
     return None
 
 
+CAPTION_TEMPLATE_SETS = ("caption", "caption_ocr")
+MAX_CAPTION_WORDS = 50  # LAVIS's blip_caption max_words
+_CAPTION_PUNCTUATION = re.compile(r"""([.!"()*#:;~])""")
+_RUNS_OF_SPACE = re.compile(r"\s{2,}")
+
+
+def clean_caption(caption: str, max_words: int = MAX_CAPTION_WORDS) -> str:
+    """A training caption as LAVIS's ``blip_caption`` processor makes it: lowercase, each of
+    ``. ! " ( ) * # : ; ~`` replaced by a space, runs of whitespace made one space, stripped, and cut
+    to the first ``max_words`` space-separated words."""
+    caption = _RUNS_OF_SPACE.sub(" ", _CAPTION_PUNCTUATION.sub(" ", caption.lower()))
+    caption = caption.rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else caption
+
+
 def template_rng(seed: int, *keys: object) -> random.Random:
     """A generator that depends only on ``seed`` and ``keys`` (e.g. dataset, sample id, epoch).
 
@@ -299,14 +315,16 @@ def template_rng(seed: int, *keys: object) -> random.Random:
 
 
 def fill_instruction(sample: Sample, template_set: str, rng: random.Random) -> Sample:
-    """A copy of ``sample`` with ``instruction`` from a template of ``template_set`` and ``target`` filled."""
+    """A copy of ``sample`` with ``instruction`` from a template of ``template_set`` and ``target`` filled
+    (a caption target cleaned by :func:`clean_caption`, as LAVIS trains on them)."""
     if template_set not in TEMPLATES:
         raise KeyError(f"unknown template set {template_set!r}; known sets: {', '.join(sorted(TEMPLATES))}")
     template = rng.choice(TEMPLATES[template_set])
     instruction = render(template, _SampleFields(sample))
-    return replace(
-        sample, instruction=instruction, target=choose_target(sample, rng), extra=dict(sample.extra)
-    )
+    target = choose_target(sample, rng)
+    if target is not None and template_set in CAPTION_TEMPLATE_SETS:
+        target = clean_caption(target)
+    return replace(sample, instruction=instruction, target=target, extra=dict(sample.extra))
 
 
 def zero_shot_instruction(sample: Sample, spec: DatasetSpec) -> str:

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ibkit.data.errors import SkipCounter
+from ibkit.data.errors import SkipCounter, warn_once
 from ibkit.data.readers.common import (
     AnnotationFileError,
     BadRecord,
@@ -40,10 +40,10 @@ def _qa_records(path: Path, dataset: str) -> list:
 def answer_vocabulary(paths: dict[str, Path], split: str, dataset: str) -> list[str]:
     """The ranking vocabulary.
 
-    From the ``vocab`` role when present (a JSON list, or ``{answer: index}`` as LAVIS's
-    ``train_ans2label.json``); otherwise every answer of the train split, most frequent first; when
-    the train file is missing too, the answers of ``split`` itself (say so in reports: it is an
-    optimistic closed-vocabulary setting).
+    From the ``vocab`` role when present: LAVIS's ``train_ans2label.json`` (``{answer: index}``, the
+    vocabulary the paper's numbers were ranked over) or a JSON list. Otherwise, with a warning (once),
+    every answer of the train split, most frequent first; when the train file is missing too, the
+    answers of ``split`` itself (an optimistic closed-vocabulary setting: say so in reports).
     """
     vocab_path = paths.get("vocab")
     if vocab_path is not None and vocab_path.is_file():
@@ -53,7 +53,13 @@ def answer_vocabulary(paths: dict[str, Path], split: str, dataset: str) -> list[
         if isinstance(data, dict) and all(isinstance(index, int) for index in data.values()):
             return [answer for answer, _ in sorted(data.items(), key=lambda item: item[1])]
         raise AnnotationFileError(f"{dataset}: {vocab_path}: expected a list of answers or {{answer: index}}")
-    source = paths["train"] if paths.get("train") is not None and paths["train"].is_file() else paths[split]
+    train = paths.get("train")
+    source = train if train is not None and train.is_file() else paths[split]
+    warn_once(
+        f"{dataset}:vocab:{vocab_path}:{source}",
+        f"{dataset}: no answer vocabulary file (expected LAVIS's {vocab_path}); ranking over every answer "
+        f"of {source} instead" + ("" if source == train else " (the evaluated split itself: optimistic)"),
+    )
     counts = Counter(
         record["answer"]
         for record in _qa_records(source, dataset)

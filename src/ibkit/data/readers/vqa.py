@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ibkit.data.errors import SkipCounter
+from ibkit.data.errors import SkipCounter, warn_once
 from ibkit.data.readers.common import (
     BadRecord,
     as_int,
@@ -213,6 +213,14 @@ def read_textvqa(paths: dict[str, Path], split: str, skips: SkipCounter | None =
     records = expect_top(load_json(path, dataset), list, path, dataset, key="data")
     ocr_path = paths.get(f"{split}.ocr")
     ocr = load_ocr_tokens([ocr_path] if ocr_path else [], dataset)
+    if (ocr_path is None or not ocr_path.is_file()) and any(
+        isinstance(r, dict) and not isinstance(r.get("ocr_tokens"), list) for r in records
+    ):
+        warn_once(
+            f"{dataset}:no-ocr:{ocr_path}",
+            f"{dataset} {split}: no Rosetta OCR file (expected {ocr_path}); questions without inline "
+            "'ocr_tokens' are asked WITHOUT the paper's 'OCR tokens: ...' prompt",
+        )
 
     def convert(index: int | str, record: Any) -> Sample:
         question_id = expect(record, "question_id", (int, str))

@@ -15,7 +15,7 @@ SPECS: list[DatasetSpec] = [
         files={s: f"msvd_qa/{s}_qa.json" for s in ("train", "val", "test")}
         | {
             "youtube_mapping": "msvd_qa/youtube_mapping.txt",
-            "vocab": "msvd_qa/answer_vocab.json",
+            "vocab": "msvd_qa/train_ans2label.json",
             "videos": "msvd_qa/videos",
         },
         optional=("vocab",),
@@ -27,7 +27,7 @@ SPECS: list[DatasetSpec] = [
         prompt=PROMPT_SHORT_QA,
         templates="video_qa",
         generation={},
-        description="MSVD-QA (rank the answer vocabulary; 4 frames)",
+        description="MSVD-QA (rank LAVIS's answer vocabulary, train_ans2label.json; 4 frames)",
     ),
     DatasetSpec(
         name="msrvtt_qa",
@@ -35,7 +35,7 @@ SPECS: list[DatasetSpec] = [
         held_in=False,
         modality="video",
         files={s: f"msrvtt_qa/{s}_qa.json" for s in ("train", "val", "test")}
-        | {"vocab": "msrvtt_qa/answer_vocab.json", "videos": "msrvtt_qa/videos"},
+        | {"vocab": "msrvtt_qa/train_ans2label.json", "videos": "msrvtt_qa/videos"},
         optional=("vocab",),
         reader=LazyReader("ibkit.data.readers.video:read_msrvtt_qa"),
         splits=("train", "val", "test"),
@@ -45,7 +45,7 @@ SPECS: list[DatasetSpec] = [
         prompt=PROMPT_SHORT_QA,
         templates="video_qa",
         generation={},
-        description="MSRVTT-QA (rank the answer vocabulary; 4 frames)",
+        description="MSRVTT-QA (rank LAVIS's answer vocabulary, train_ans2label.json; 4 frames)",
     ),
     DatasetSpec(
         name="ivqa",
