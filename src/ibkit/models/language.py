@@ -34,6 +34,10 @@ class LanguageModel(nn.Module):
     Build from a directory or hub id (``name_or_path``), from a transformers config dict (``config``,
     random weights: tests, benchmarks, meta-device sizing), or wrap an existing model
     (:meth:`from_model`).
+
+    ``t5_exact_gelu``: a T5 loaded from ``name_or_path`` runs its gated FFN with exact GELU
+    (``dense_act_fn="gelu"``), as LAVIS trained and evaluated FlanT5, instead of the tanh approximation
+    its hub config names; a ``config`` dict is taken literally.
     """
 
     def __init__(
@@ -45,10 +49,11 @@ class LanguageModel(nn.Module):
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
         model: nn.Module | None = None,
+        t5_exact_gelu: bool = True,
     ) -> None:
         super().__init__()
         if model is None:
-            model = self._build(name_or_path, config, resolve_dtype(dtype))
+            model = self._build(name_or_path, config, resolve_dtype(dtype), t5_exact_gelu)
         self.model = model
         self.frozen = frozen
         if frozen:
@@ -61,7 +66,9 @@ class LanguageModel(nn.Module):
             self.enable_activation_checkpointing()
 
     @staticmethod
-    def _build(name_or_path: str | None, config: dict[str, Any] | None, dtype: torch.dtype | None) -> nn.Module:
+    def _build(
+        name_or_path: str | None, config: dict[str, Any] | None, dtype: torch.dtype | None, t5_exact_gelu: bool = True
+    ) -> nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
         if (name_or_path is None) == (config is None):
@@ -73,9 +80,11 @@ class LanguageModel(nn.Module):
             model = auto.from_config(hf_config)
             return model.to(dtype) if dtype is not None else model
         hf_config = AutoConfig.from_pretrained(name_or_path)
+        if t5_exact_gelu and hf_config.model_type == "t5" and hasattr(hf_config, "dense_act_fn"):
+            hf_config.dense_act_fn = "gelu"  # LAVIS's FlanT5: exact GELU in the gated FFN
         auto = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        return auto.from_pretrained(name_or_path, **kwargs)
+        return auto.from_pretrained(name_or_path, config=hf_config, **kwargs)
 
     @classmethod
     def from_model(cls, model: nn.Module, frozen: bool = True, lora: LoraSettings | None = None) -> LanguageModel:
