@@ -128,8 +128,10 @@ class Evaluator:
             self.run.step(model, batch, self.names[dataloader_idx], self.llm_tokenizer, **self.generation_overrides)
 
     def compute(self, prefix: str) -> dict[str, float]:
-        """``{prefix}/{dataset}/loss``, ``{prefix}/loss``, ``{prefix}/{dataset}/{metric}`` and ``{prefix}/score``
-        (the mean metric). Every rank calls it (metrics sync here)."""
+        """``{prefix}/{dataset}/loss``, ``{prefix}/loss``, ``{prefix}/{dataset}/{metric}``, ``{prefix}/score``
+        (the mean metric) and ``{prefix}/heldin_score`` (the mean metric of the held-in datasets: the paper
+        selects checkpoints "based on held-in validation performance"; a ModelCheckpoint ``monitor``).
+        Every rank calls it (metrics sync here)."""
         distributed = torch.distributed.is_initialized()
         results: dict[str, float] = {}
         for name, metric in zip(self.names, self.losses):
@@ -139,14 +141,18 @@ class Evaluator:
             results[f"{prefix}/loss"] = float(self.total.compute())
         if self.run is not None:
             self.metrics = self.run.compute()
-            scores = []
+            scores, held_in = [], []
             for name, metrics in self.metrics.items():
                 for metric, value in metrics.items():
                     results[f"{prefix}/{name}/{metric}"] = float(value)
                     if metric != "none":
                         scores.append(float(value))
+                        if self.run.specs[name].held_in:
+                            held_in.append(float(value))
             if scores:
                 results[f"{prefix}/score"] = sum(scores) / len(scores)
+            if held_in:
+                results[f"{prefix}/heldin_score"] = sum(held_in) / len(held_in)
         return results
 
     def write_results(self, out_dir: str | Path, paper_model: str | None = None, write: bool = True) -> Path | None:
