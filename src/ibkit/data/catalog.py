@@ -14,10 +14,10 @@ from ibkit.data.errors import SkipCounter
 from ibkit.data.registry import (
     MEDIA_ROLES,
     DatasetSpec,
+    annotation_sources,
     get_spec,
     list_specs,
     load_samples,
-    required_roles,
     resolve_paths,
 )
 
@@ -57,6 +57,7 @@ class SplitCheck:
     skipped: int = 0
     missing: list[Path] = field(default_factory=list)
     error: str | None = None
+    sources: list[Path] = field(default_factory=list)  # the annotation files read
 
 
 @dataclass
@@ -82,9 +83,9 @@ def check_dataset(spec: DatasetSpec, root: Path, overrides: dict[str, str] | Non
     paths = resolve_paths(spec, root, overrides)
     results = []
     for split in spec.splits:
-        missing = [paths[role] for role in required_roles(spec, split) if not paths[role].is_file()]
+        sources, missing = annotation_sources(spec, split, paths)
         if missing:
-            results.append(SplitCheck(split, "missing", missing=missing))
+            results.append(SplitCheck(split, "missing", missing=[p for options in missing for p in options]))
             continue
         skips = SkipCounter(spec.name)
         try:
@@ -92,7 +93,8 @@ def check_dataset(spec: DatasetSpec, root: Path, overrides: dict[str, str] | Non
         except Exception as error:  # report every broken file instead of stopping at the first
             results.append(SplitCheck(split, "error", error=f"{type(error).__name__}: {error}"))
             continue
-        results.append(SplitCheck(split, "found", count=len(samples), skipped=skips.total))
+        source = sources if spec.alternatives else []  # say which file where a split has a choice
+        results.append(SplitCheck(split, "found", count=len(samples), skipped=skips.total, sources=source))
     media = {role: paths[role] for role in MEDIA_ROLES if role in paths}
     return DatasetCheck(
         spec.name, spec.held_in, results, media, {role: p.is_dir() for role, p in media.items()}
@@ -118,7 +120,8 @@ def format_check(results: list[DatasetCheck]) -> str:
         for split in result.splits:
             if split.status == "found":
                 skipped = f", {split.skipped} malformed record(s) skipped" if split.skipped else ""
-                lines.append(f"  {split.split}: found, {split.count} samples{skipped}")
+                source = f" (from {', '.join(str(p) for p in split.sources)})" if split.sources else ""
+                lines.append(f"  {split.split}: found, {split.count} samples{skipped}{source}")
             elif split.status == "missing":
                 lines.append(f"  {split.split}: missing " + ", ".join(str(path) for path in split.missing))
             else:

@@ -99,17 +99,63 @@ def _llava_image(images_root: Path, image: str) -> str:
     return under(images_root, image) if "/" in image else under(images_root, "train2017", image)
 
 
-def _read_llava(paths: dict[str, Path], split: str, skips: SkipCounter | None, dataset: str) -> list[Sample]:
+LLAVA_SUBSETS = ("conversation", "detail", "reasoning")
+# The requests of detail_23k (LLaVA's fixed list for detailed descriptions), lowercased, without "<image>"
+# and trailing punctuation: a one-turn record of the merged file asking one of them is a "detail" record.
+LLAVA_DETAIL_REQUESTS = frozenset({
+    "what do you see happening in this image",
+    "what do you think is going on in this snapshot",
+    "can you elaborate on the elements of the picture provided",
+    "describe the following image",
+    "write a detailed description of the given image",
+    "explain the visual content of the image in great detail",
+    "analyze the image in a comprehensive and detailed manner",
+    "can you describe the main features of this image for me",
+    "what are the key elements in this picture",
+    "what is this photo about",
+    "what's happening in the scene",
+})
+
+
+def _request_key(text: str) -> str:
+    return _IMAGE_TOKEN.sub(" ", text).strip().lower().rstrip("?.!'\" ")
+
+
+def llava_subset(record: Any) -> str:
+    """Which of LLaVA-Instruct-150K's three files a record of the merged ``llava_instruct_150k.json`` comes from.
+
+    The merged file's ids are COCO image ids, shared by the subsets (one image has records in several),
+    so the record's shape decides: several human/gpt pairs -> conversation; one pair asking one of
+    :data:`LLAVA_DETAIL_REQUESTS` -> detail; any other single pair -> reasoning.
+    """
+    turns = expect(record, "conversations", list)
+    if len(turns) > 2:
+        return "conversation"
+    first = turns[0].get("value") if turns and isinstance(turns[0], dict) else None
+    if isinstance(first, str) and _request_key(first) in LLAVA_DETAIL_REQUESTS:
+        return "detail"
+    return "reasoning"
+
+
+def _read_llava(paths: dict[str, Path], split: str, skips: SkipCounter | None, dataset: str, subset: str) -> list[Sample]:
     """LLaVA ``[{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}]``.
 
+    Reads the subset's own file (role ``split``) or, when only the merged ``llava_instruct_150k.json``
+    (role ``merged``, what LAVIS reads) is there, that file's records of this subset (:func:`llava_subset`).
     One sample per (human, gpt) pair; ``<image>`` is removed (the visual prompt has its own place) and
     earlier turns go into ``context`` as ``User: ...`` / ``Assistant: ...`` lines.
     """
     path = paths[split]
+    merged = paths.get("merged")
+    from_merged = not path.is_file() and merged is not None and merged.is_file()
+    if from_merged:
+        path = merged
     skips = counter_for(skips, dataset)
     records = expect_top(load_json(path, dataset), list, path, dataset)
 
-    def convert(index: int | str, record: Any) -> list[Sample]:
+    def convert(index: int | str, record: Any) -> list[Sample] | None:
+        if from_merged and llava_subset(record) != subset:
+            return None
         record_id = str(expect(record, "id", (str, int)))
         image = _llava_image(paths["images"], expect_str(record, "image"))
         turns = expect(record, "conversations", list)
@@ -145,16 +191,16 @@ def read_llava_conversation(
     paths: dict[str, Path], split: str, skips: SkipCounter | None = None
 ) -> list[Sample]:
     """``conversation_58k.json``: multi-turn conversations."""
-    return _read_llava(paths, split, skips, "llava_conversation")
+    return _read_llava(paths, split, skips, "llava_conversation", "conversation")
 
 
 def read_llava_detail(paths: dict[str, Path], split: str, skips: SkipCounter | None = None) -> list[Sample]:
     """``detail_23k.json``: one request for a detailed description per image."""
-    return _read_llava(paths, split, skips, "llava_detail")
+    return _read_llava(paths, split, skips, "llava_detail", "detail")
 
 
 def read_llava_reasoning(
     paths: dict[str, Path], split: str, skips: SkipCounter | None = None
 ) -> list[Sample]:
     """``complex_reasoning_77k.json``: one reasoning question per image."""
-    return _read_llava(paths, split, skips, "llava_reasoning")
+    return _read_llava(paths, split, skips, "llava_reasoning", "reasoning")

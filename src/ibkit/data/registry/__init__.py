@@ -47,6 +47,7 @@ from ibkit.data.registry.spec import (
     SUITES,
     DatasetSpec,
     LazyReader,
+    annotation_sources,
     required_roles,
     resolve_paths,
     shared_roles,
@@ -74,6 +75,7 @@ __all__ = [
     "SUITES",
     "DatasetSpec",
     "LazyReader",
+    "annotation_sources",
     "get_spec",
     "list_specs",
     "load_samples",
@@ -152,11 +154,10 @@ def load_samples(
     if split not in spec.splits:
         raise ValueError(f"{name}: unknown split {split!r}; available splits: {list(spec.splits)}")
     paths = resolve_paths(spec, root, overrides)
-    for role in required_roles(spec, split):
-        if not paths[role].is_file():
-            raise FileNotFoundError(
-                f"{name}: annotation file for split {split!r} (role {role!r}) not found: expected {paths[role]}"
-            )
+    _, missing = annotation_sources(spec, split, paths)
+    if missing:
+        expected = "; ".join(" or ".join(map(str, options)) for options in missing)
+        raise FileNotFoundError(f"{name}: annotation file for split {split!r} not found: expected {expected}")
     skips = skips if skips is not None else SkipCounter(name, strict=strict)
     if _reader_takes_skips(spec.reader):
         samples = spec.reader(paths, split, skips=skips)

@@ -6,13 +6,18 @@ from __future__ import annotations
 from ibkit.data.registry.common import COCO_IMAGES, GEN_LONG, PROMPT_LLAVA
 from ibkit.data.registry.spec import DatasetSpec, LazyReader
 
+# LLaVA-Instruct-150K as LAVIS reads it: the three files merged; each spec reads its own file when it is
+# there and otherwise its records of the merged one (ibkit.data.readers.dialog.llava_subset)
+LLAVA_MERGED = "llava_instruct/llava_instruct_150k.json"
+
 SPECS: list[DatasetSpec] = [
     # ---------------------------------------------------------------- held-in
     DatasetSpec(
         name="llava_conversation",
         family="llava_visual_instruction",
         held_in=True,
-        files={"train": "llava_instruct/conversation_58k.json", "images": COCO_IMAGES},
+        files={"train": "llava_instruct/conversation_58k.json", "merged": LLAVA_MERGED, "images": COCO_IMAGES},
+        alternatives={"train": "merged"},
         reader=LazyReader("ibkit.data.readers.dialog:read_llava_conversation"),
         splits=("train",),
         eval_split=None,
@@ -27,7 +32,8 @@ SPECS: list[DatasetSpec] = [
         name="llava_detail",
         family="llava_visual_instruction",
         held_in=True,
-        files={"train": "llava_instruct/detail_23k.json", "images": COCO_IMAGES},
+        files={"train": "llava_instruct/detail_23k.json", "merged": LLAVA_MERGED, "images": COCO_IMAGES},
+        alternatives={"train": "merged"},
         reader=LazyReader("ibkit.data.readers.dialog:read_llava_detail"),
         splits=("train",),
         eval_split=None,
@@ -42,7 +48,8 @@ SPECS: list[DatasetSpec] = [
         name="llava_reasoning",
         family="llava_visual_instruction",
         held_in=True,
-        files={"train": "llava_instruct/complex_reasoning_77k.json", "images": COCO_IMAGES},
+        files={"train": "llava_instruct/complex_reasoning_77k.json", "merged": LLAVA_MERGED, "images": COCO_IMAGES},
+        alternatives={"train": "merged"},
         reader=LazyReader("ibkit.data.readers.dialog:read_llava_reasoning"),
         splits=("train",),
         eval_split=None,

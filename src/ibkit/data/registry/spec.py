@@ -52,6 +52,8 @@ class DatasetSpec:
     modality: str = "image"
     suite: str = "instructblip"
     optional: tuple[str, ...] = ()  # roles whose files may be missing (e.g. OCR tokens)
+    # role -> another role whose file can stand in for it (LLaVA: a per-type file or the merged one)
+    alternatives: dict[str, str] = field(default_factory=dict)
     eval_split: str | None = None  # the split the paper evaluates on (held-out) or validates on (held-in)
     description: str = ""
 
@@ -73,8 +75,9 @@ class DatasetSpec:
                 f"{where}: eval_split {self.eval_split!r} is not one of the splits {self.splits}"
             )
         unknown = [role for role in self.optional if role not in self.files]
+        unknown += [r for pair in self.alternatives.items() for r in pair if r not in self.files]
         if unknown:
-            raise ValueError(f"{where}: optional roles {unknown} are not in files {sorted(self.files)}")
+            raise ValueError(f"{where}: optional/alternative roles {unknown} are not in files {sorted(self.files)}")
 
 
 def split_roles(spec: DatasetSpec, split: str) -> list[str]:
@@ -83,17 +86,38 @@ def split_roles(spec: DatasetSpec, split: str) -> list[str]:
 
 
 def shared_roles(spec: DatasetSpec) -> list[str]:
-    """Auxiliary annotation roles every split needs (neither media nor tied to a split)."""
+    """Auxiliary annotation roles every split needs (neither media nor tied to a split nor a stand-in)."""
+    stand_ins = set(spec.alternatives.values())
     return [
         role
         for role in spec.files
-        if role not in MEDIA_ROLES and not any(role == s or role.startswith(s + ".") for s in spec.splits)
+        if role not in MEDIA_ROLES and role not in stand_ins
+        and not any(role == s or role.startswith(s + ".") for s in spec.splits)
     ]
 
 
 def required_roles(spec: DatasetSpec, split: str) -> list[str]:
-    """Annotation files that must exist to read ``split``."""
+    """Annotation roles that must be present to read ``split`` (each one or its alternative's file)."""
     return [role for role in split_roles(spec, split) + shared_roles(spec) if role not in spec.optional]
+
+
+def annotation_sources(
+    spec: DatasetSpec, split: str, paths: dict[str, Path]
+) -> tuple[list[Path], list[list[Path]]]:
+    """(the files ``split`` is read from, the missing requirements): a required role whose own file is
+    absent is read from its alternative's file when that exists; a missing requirement lists the role's
+    path and, where it has one, its alternative's."""
+    found: list[Path] = []
+    missing: list[list[Path]] = []
+    for role in required_roles(spec, split):
+        alternative = spec.alternatives.get(role)
+        if paths[role].is_file():
+            found.append(paths[role])
+        elif alternative is not None and paths[alternative].is_file():
+            found.append(paths[alternative])
+        else:
+            missing.append([paths[role]] + ([paths[alternative]] if alternative is not None else []))
+    return found, missing
 
 
 def resolve_paths(spec: DatasetSpec, root: Path, overrides: dict[str, str] | None = None) -> dict[str, Path]:
