@@ -101,7 +101,8 @@ class InstructionDataset(Dataset):
         try:
             if self.template_set is not None:
                 rng = template_rng(self.seed, self.name, index, -1 if position is None else position)
-                sample = fill_instruction(sample, self.template_set, rng)
+                clean = self.spec.clean_captions if self.spec is not None else True
+                sample = fill_instruction(sample, self.template_set, rng, clean_captions=clean)
                 augment_seed = rng.getrandbits(63)
             else:
                 if sample.instruction is None:

@@ -314,7 +314,7 @@ def template_rng(seed: int, *keys: object) -> random.Random:
     return random.Random(":".join([str(seed), *map(str, keys)]))
 
 
-def fill_instruction(sample: Sample, template_set: str, rng: random.Random) -> Sample:
+def fill_instruction(sample: Sample, template_set: str, rng: random.Random, clean_captions: bool = True) -> Sample:
     """A copy of ``sample`` with ``instruction`` from a template of ``template_set`` and ``target`` filled
     (a caption target cleaned by :func:`clean_caption`, as LAVIS trains on them)."""
     if template_set not in TEMPLATES:
@@ -322,7 +322,7 @@ def fill_instruction(sample: Sample, template_set: str, rng: random.Random) -> S
     template = rng.choice(TEMPLATES[template_set])
     instruction = render(template, _SampleFields(sample))
     target = choose_target(sample, rng)
-    if target is not None and template_set in CAPTION_TEMPLATE_SETS:
+    if clean_captions and target is not None and template_set in CAPTION_TEMPLATE_SETS:
         target = clean_caption(target)
     return replace(sample, instruction=instruction, target=target, extra=dict(sample.extra))
 

@@ -35,7 +35,7 @@ class LanguageModel(nn.Module):
     random weights: tests, benchmarks, meta-device sizing), or wrap an existing model
     (:meth:`from_model`).
 
-    ``t5_exact_gelu``: a T5 loaded from ``name_or_path`` runs its gated FFN with exact GELU
+    ``t5_exact_gelu``: a T5 loaded from ``name_or_path`` whose config names the tanh GELU runs it exact
     (``dense_act_fn="gelu"``), as LAVIS trained and evaluated FlanT5, instead of the tanh approximation
     its hub config names; a ``config`` dict is taken literally.
     """
@@ -80,8 +80,8 @@ class LanguageModel(nn.Module):
             model = auto.from_config(hf_config)
             return model.to(dtype) if dtype is not None else model
         hf_config = AutoConfig.from_pretrained(name_or_path)
-        if t5_exact_gelu and hf_config.model_type == "t5" and hasattr(hf_config, "dense_act_fn"):
-            hf_config.dense_act_fn = "gelu"  # LAVIS's FlanT5: exact GELU in the gated FFN
+        if t5_exact_gelu and hf_config.model_type == "t5" and getattr(hf_config, "dense_act_fn", None) == "gelu_new":
+            hf_config.dense_act_fn = "gelu"  # LAVIS's FlanT5: exact GELU in the gated FFN (ReLU T5s keep theirs)
         auto = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
         kwargs = {"dtype": dtype} if dtype is not None else {}
         return auto.from_pretrained(name_or_path, config=hf_config, **kwargs)

@@ -7,8 +7,6 @@ when it lists datasets), so the shapes datasets load like any real dataset.
 from __future__ import annotations
 
 from ibkit.data.registry import (
-    GEN_QUESTION,
-    GEN_SHORT,
     PROMPT_CAPTION,
     PROMPT_OCR_QA,
     PROMPT_SHORT_QA,
@@ -30,8 +28,13 @@ from ibkit.shapes.tasks import (
 
 SUITE = "shapes"
 
-GEN_SHAPES_CAPTION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1, "length_penalty": 1.0}
+# The shapes suite keeps its own generation settings, not LAVIS's for the paper's data (no repetition
+# penalty: answers are one or two words from a small vocabulary). ``min_new_tokens`` is LAVIS's min_length,
+# which counts the T5 decoder start token: 2 is one answer token for the demo's T5.
+GEN_SHAPES_CAPTION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 2, "length_penalty": 1.0}
 # Like the real caption setting but without its 10-token minimum: a one-shape caption is ~4 tokens long.
+GEN_SHORT = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 2, "length_penalty": -1.0}
+GEN_QUESTION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 2, "length_penalty": 1.0}
 
 _MC_PROMPT = "Question: {question} Options: {options}. Short answer:"
 
@@ -48,6 +51,7 @@ def _spec(name: str, held_in: bool, modality: str = "image", **kwargs) -> Datase
         splits=splits,
         modality=modality,
         suite=SUITE,
+        clean_captions=False,  # generated captions: already the text the suite means to teach
         **kwargs,
     )
 

@@ -55,6 +55,8 @@ class DatasetSpec:
     # role -> another role whose file can stand in for it (LLaVA: a per-type file or the merged one)
     alternatives: dict[str, str] = field(default_factory=dict)
     eval_split: str | None = None  # the split the paper evaluates on (held-out) or validates on (held-in)
+    # caption targets cleaned as LAVIS's blip_caption processor (the paper's data); generated text keeps its own
+    clean_captions: bool = True
     description: str = ""
 
     def __post_init__(self) -> None:
