@@ -48,6 +48,7 @@ def _spec(name: str, held_in: bool, modality: str = "image", **kwargs) -> Datase
         splits=splits,
         modality=modality,
         suite=SUITE,
+        media_layout=(f"<split>/<index:06d>.{'mp4' if modality == 'video' else 'png'}  (written by the demo)",),
         **kwargs,
     )
 

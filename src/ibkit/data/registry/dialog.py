@@ -6,6 +6,8 @@ from __future__ import annotations
 from ibkit.data.registry.common import COCO_IMAGES, GEN_LONG, PROMPT_LLAVA
 from ibkit.data.registry.spec import DatasetSpec, LazyReader
 
+LLAVA_LAYOUT = ("train2017/<image>  (COCO 2017 file name of the record; a path with / is taken as given)",)
+
 SPECS: list[DatasetSpec] = [
     # ---------------------------------------------------------------- held-in
     DatasetSpec(
@@ -22,6 +24,7 @@ SPECS: list[DatasetSpec] = [
         templates="llava",
         generation=GEN_LONG,
         description="LLaVA-Instruct-150K conversations (every turn a sample, earlier turns as context)",
+        media_layout=LLAVA_LAYOUT,
     ),
     DatasetSpec(
         name="llava_detail",
@@ -37,6 +40,7 @@ SPECS: list[DatasetSpec] = [
         templates="llava",
         generation=GEN_LONG,
         description="LLaVA-Instruct-150K detailed image descriptions",
+        media_layout=LLAVA_LAYOUT,
     ),
     DatasetSpec(
         name="llava_reasoning",
@@ -52,6 +56,7 @@ SPECS: list[DatasetSpec] = [
         templates="llava",
         generation=GEN_LONG,
         description="LLaVA-Instruct-150K complex reasoning",
+        media_layout=LLAVA_LAYOUT,
     ),
     # ---------------------------------------------------------------- held-out
     DatasetSpec(
@@ -69,5 +74,10 @@ SPECS: list[DatasetSpec] = [
         templates="dialog",
         generation={},
         description="Visual Dialog v1.0 (rank 100 candidate answers)",
+        media_layout=(
+            "VisualDialog_val2018/VisualDialog_val2018_<image_id:012d>.jpg",
+            "VisualDialog_test2018/VisualDialog_test2018_<image_id:012d>.jpg",
+            "train2014/COCO_train2014_<image_id:012d>.jpg  (train; val2014/COCO_val2014_... when only that exists)",
+        ),
     ),
 ]

@@ -54,6 +54,9 @@ class DatasetSpec:
     optional: tuple[str, ...] = ()  # roles whose files may be missing (e.g. OCR tokens)
     eval_split: str | None = None  # the split the paper evaluates on (held-out) or validates on (held-in)
     description: str = ""
+    # file names under the media folder as the reader builds them (``<field>``: a field of the record);
+    # not derivable from ``files``, so ``ibkit data list --layout`` and docs/data.md read them here
+    media_layout: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"DatasetSpec {self.name!r}"
@@ -72,6 +75,8 @@ class DatasetSpec:
             raise ValueError(
                 f"{where}: eval_split {self.eval_split!r} is not one of the splits {self.splits}"
             )
+        if self.media_layout and not any(role in self.files for role in MEDIA_ROLES):
+            raise ValueError(f"{where}: media_layout given but no media role ({MEDIA_ROLES}) in files")
         unknown = [role for role in self.optional if role not in self.files]
         if unknown:
             raise ValueError(f"{where}: optional roles {unknown} are not in files {sorted(self.files)}")
