@@ -208,7 +208,10 @@ def require_clean_media(
     progress: bool = False,
 ) -> list[MediaReport]:
     """Strict runs: check every (name, split, samples) set, then raise naming the first bad file, its
-    dataset and record, with the counts of all (so one failed start lists everything to fix)."""
+    dataset and record, with the counts of all (so one failed start lists everything to fix).
+
+    Under DDP every rank checks the same files and so fails alike: no rank is left waiting in a collective.
+    """
     options = replace(
         options or MediaCheckOptions(), progress=progress or (options is not None and options.progress)
     )
