@@ -304,7 +304,15 @@ def test_malformed_record_is_skipped_and_strict_names_file_and_record(tmp_path):
 def test_strict_datamodule_raises_on_bad_media(tmp_path, tokenizers):
     write_fixture_root(tmp_path)
     broken = _break_media(tmp_path)
+    # strict: setup decodes every media file first and stops at once, naming file, dataset and record
     dm = make_dm(tmp_path, tokenizers, eval_datasets=["gqa"], strict=True)
+    with pytest.raises(BadInputError) as caught:
+        dm.setup("validate")
+    message = str(caught.value)
+    assert str(broken["truncated"]) in message and "gqa (testdev) record '20968379'" in message
+    assert "1 unreadable, 1 truncated" in message
+    # without that check (strict_media_sample=0) strict still raises on the item itself, when it is fetched
+    dm = make_dm(tmp_path, tokenizers, eval_datasets=["gqa"], strict=True, strict_media_sample=0)
     dm.setup("validate")
     with pytest.raises(BadInputError) as caught:
         next(iter(dm.val_dataloader()[0]))

@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from ibkit.shapes.demo import ABLATIONS, CONFIGS, ablation_table, run_ablation, summarize
+from ibkit.shapes import demo as demo_module
+from ibkit.shapes.demo import ABLATIONS, CONFIGS, StageClock, ablation_table, run_ablation, summarize
 
 
 def test_summarize_mean_and_sample_std_over_seeds():
@@ -21,6 +22,20 @@ def test_summarize_mean_and_sample_std_over_seeds():
     table = ablation_table({"x": summary, "y": {a: summary[a]}}, {a: 0.5})
     assert f"| {a} | 0.500 | 0.600 ± 0.100 | 0.600 ± 0.100 |" in table
     assert f"| {b} | - | 0.200 ± 0.000 | - |" in table
+
+
+def test_the_demo_clock_prints_each_stage_and_projects_the_total_after_stage_1(monkeypatch, capsys):
+    now = iter([100.0, 100.0 + 84.0, 100.0 + 84.0 + 95.5])  # start, end of stage 1, end of stage 2
+    monkeypatch.setattr(demo_module.time, "perf_counter", lambda: next(now))
+    clock = StageClock(share_of_first=0.4)
+    clock.done("stage 1")
+    out = capsys.readouterr().out
+    assert "[demo] stage 1: 1 min 24 s (total so far 1 min 24 s)" in out
+    assert "projected total: about 3 min 30 s" in out  # 84 s / 0.4
+    clock.done("stage 2")
+    out = capsys.readouterr().out
+    assert "[demo] stage 2: 1 min 36 s (total so far 3 min 00 s)" in out and "projected" not in out
+    assert clock.seconds == {"stage 1": 84.0, "stage 2": 95.5} and clock.total == 179.5
 
 
 def test_ablation_runs_every_variant_and_seed_and_resumes(tmp_path, capsys):

@@ -105,9 +105,24 @@ def run_entry(path: Sequence[str], entry: Entry, argv: list[str]) -> int:
 
     parser = ArgumentParser(prog=prog, description=description(function))
     parser.add_function_arguments(function, as_group=False)
-    config = parser.instantiate_classes(parser.parse_args(argv))
+    config = parser.instantiate_classes(parser.parse_args(bare_flags_as_true(function, argv)))
     names = inspect.signature(function).parameters
     return _call(parser, function, {name: config[name] for name in names})
+
+
+def bare_flags_as_true(function: Callable[..., Any], argv: list[str]) -> list[str]:
+    """``--media`` alone means ``--media true`` for a ``bool`` parameter (jsonargparse wants a value)."""
+    flags = {
+        f"--{name}" for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.annotation in (bool, "bool")
+    }
+    out: list[str] = []
+    for index, arg in enumerate(argv):
+        out.append(arg)
+        following = argv[index + 1].lower() if index + 1 < len(argv) else None
+        if arg in flags and following not in ("true", "false", "yes", "no"):
+            out.append("true")
+    return out
 
 
 def _run_group(prog: str, path: Sequence[str], group: Group, argv: list[str]) -> int:

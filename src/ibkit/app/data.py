@@ -12,36 +12,71 @@ def _suite(suite: str) -> str | None:
     return None if suite == "all" else suite
 
 
-def data_list(suite: str = "instructblip") -> int:
-    """Table of the registered datasets.
+def data_list(suite: str = "instructblip", layout: bool = False, markdown: bool = False) -> int:
+    """Table of the registered datasets, or where each one's files go under a data root.
+
+    docs/data.md is this command's output: ibkit data list --layout --markdown > docs/data.md
 
     Args:
-        suite: instructblip | shapes | all.
+        suite: instructblip | finetune | shapes | all.
+        layout: print each dataset's expected files (annotation files, media folders and the file names in them).
+        markdown: with --layout: the text of docs/data.md.
     """
     from ibkit.data.catalog import dataset_rows, format_table
+    from ibkit.data.layout import layout_markdown, layout_text
 
+    if markdown and not layout:
+        raise UsageError("--markdown goes with --layout")
+    if layout:
+        print(layout_markdown(_suite(suite)) if markdown else layout_text(_suite(suite)), end="\n" * (not markdown))
+        return 0
     print(format_table(dataset_rows(_suite(suite))))
     return 0
 
 
-def data_check(root: Path, dataset: str | list[str] | None = None, suite: str = "instructblip") -> int:
-    """Which datasets/splits are present under a data root.
+def data_check(
+    root: Path,
+    dataset: str | list[str] | None = None,
+    suite: str = "instructblip",
+    media: bool = False,
+    sample: float = 1.0,
+    seed: int = 0,
+    num_frames: int = 4,
+    workers: int = 4,
+    show: int = 3,
+) -> int:
+    """Which datasets/splits are present under a data root; with --media, whether their images and videos decode.
 
-    Exits with 1 when a file is broken or a dataset asked for by name is entirely absent.
+    Exits with 1 when a file is broken, a dataset asked for by name is entirely absent, or (--media) any
+    referenced image or video is missing, empty, unreadable or truncated.
 
     Args:
         root: data root the registry paths are under.
         dataset: check only this dataset (several: --dataset+=a --dataset+=b, or --dataset '[a, b]').
-        suite: instructblip | shapes | all.
+        suite: instructblip | finetune | shapes | all.
+        media: open every image and video the found splits reference (images fully decoded, videos: the frames the loader takes).
+        sample: with --media: check this seeded fraction (0 < f <= 1) of each split's distinct media files.
+        seed: with --sample: the seed of the choice.
+        num_frames: with --media: frames taken per video (the datamodule's num_frames).
+        workers: with --media: decoding threads.
+        show: with --media: paths listed per kind of problem.
     """
     from ibkit.data.catalog import check_root, format_check
+    from ibkit.data.media_check import MediaCheckOptions
 
     if not Path(root).is_dir():
         raise UsageError(f"--root {root} is not a directory")
+    if not 0 < sample <= 1:
+        raise UsageError(f"--sample must be a fraction in (0, 1], got {sample}")
+    if num_frames <= 0 or workers <= 0:
+        raise UsageError("--num_frames and --workers must be positive")
     names = [dataset] if isinstance(dataset, str) else dataset
-    results = check_root(Path(root), names=names, suite=_suite(suite))
-    print(format_check(results))
-    failed = any(r.status == "error" or (names and r.status == "missing") for r in results)
+    options = MediaCheckOptions(sample, seed, num_frames, workers, progress=True) if media else None
+    results = check_root(Path(root), names=names, suite=_suite(suite), media=options)
+    print(format_check(results, show=show, named=bool(names)))
+    failed = any(
+        r.status == "error" or (names and r.status == "missing") or not r.media_clean for r in results
+    )
     return 1 if failed else 0
 
 

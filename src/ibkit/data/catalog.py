@@ -2,7 +2,9 @@
 
 ``check`` answers the first question of every new user ("did I put the files where ibkit looks?"):
 per dataset and split it says found (with the sample count, read from the annotations without
-opening a single image), missing (with the exact paths expected), or error (unreadable file).
+opening a single image), missing (with the exact paths expected and the dataset's whole expected
+layout), or error (unreadable file). With media options it also decodes every referenced image and
+video (:mod:`ibkit.data.media_check`) and counts the missing, empty, unreadable and truncated ones.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ibkit.data.errors import SkipCounter
+from ibkit.data.layout import layout_lines
+from ibkit.data.media_check import MediaCheckOptions, MediaReport, check_media, format_media_report
 from ibkit.data.registry import (
     MEDIA_ROLES,
     DatasetSpec,
@@ -58,6 +62,7 @@ class SplitCheck:
     missing: list[Path] = field(default_factory=list)
     error: str | None = None
     sources: list[Path] = field(default_factory=list)  # the annotation files read
+    media: MediaReport | None = None  # when the media were checked
 
 
 @dataclass
@@ -67,6 +72,19 @@ class DatasetCheck:
     splits: list[SplitCheck]
     media: dict[str, Path]
     media_found: dict[str, bool]
+    layout: list[str] = field(default_factory=list)  # the expected files, absolute under the root
+
+    @property
+    def media_clean(self) -> bool:
+        """No split's media check found a bad file (True when none was checked)."""
+        return all(split.media is None or split.media.clean for split in self.splits)
+
+    @property
+    def media_missing(self) -> bool:
+        """A media folder, or a media file the annotations name, is not where the layout says."""
+        return not all(self.media_found.values()) or any(
+            split.media is not None and split.media.counts()["missing"] for split in self.splits
+        )
 
     @property
     def status(self) -> str:
@@ -79,7 +97,13 @@ class DatasetCheck:
         return "missing" if "found" not in statuses else "partial"
 
 
-def check_dataset(spec: DatasetSpec, root: Path, overrides: dict[str, str] | None = None) -> DatasetCheck:
+def check_dataset(
+    spec: DatasetSpec,
+    root: Path,
+    overrides: dict[str, str] | None = None,
+    media: MediaCheckOptions | None = None,
+) -> DatasetCheck:
+    """One dataset's splits under ``root``; ``media`` options also decode each found split's media."""
     paths = resolve_paths(spec, root, overrides)
     results = []
     for split in spec.splits:
@@ -94,10 +118,13 @@ def check_dataset(spec: DatasetSpec, root: Path, overrides: dict[str, str] | Non
             results.append(SplitCheck(split, "error", error=f"{type(error).__name__}: {error}"))
             continue
         source = sources if spec.alternatives else []  # say which file where a split has a choice
-        results.append(SplitCheck(split, "found", count=len(samples), skipped=skips.total, sources=source))
-    media = {role: paths[role] for role in MEDIA_ROLES if role in paths}
+        report = check_media(samples, spec.name, split, media) if media is not None else None
+        results.append(SplitCheck(split, "found", count=len(samples), skipped=skips.total, sources=source,
+                                  media=report))
+    folders = {role: paths[role] for role in MEDIA_ROLES if role in paths}
     return DatasetCheck(
-        spec.name, spec.held_in, results, media, {role: p.is_dir() for role, p in media.items()}
+        spec.name, spec.held_in, results, folders, {role: p.is_dir() for role, p in folders.items()},
+        layout=layout_lines(spec, root, overrides),
     )
 
 
@@ -106,14 +133,18 @@ def check_root(
     names: list[str] | None = None,
     suite: str | None = "instructblip",
     overrides: dict[str, dict[str, str]] | None = None,
+    media: MediaCheckOptions | None = None,
 ) -> list[DatasetCheck]:
-    """Check ``names`` (default: every dataset of ``suite``) under ``root``."""
+    """Check ``names`` (default: every dataset of ``suite``) under ``root``; ``media``: decode the media too."""
     specs = [get_spec(name) for name in names] if names else list_specs(suite)
     overrides = overrides or {}
-    return [check_dataset(spec, Path(root), overrides.get(spec.name)) for spec in specs]
+    return [check_dataset(spec, Path(root), overrides.get(spec.name), media) for spec in specs]
 
 
-def format_check(results: list[DatasetCheck]) -> str:
+def format_check(results: list[DatasetCheck], show: int = 3, named: bool = False) -> str:
+    """The report: per dataset its status, per split found/missing/error (and the media check's
+    counts with the first ``show`` paths of each kind), and the expected layout when media are missing
+    or, for datasets the user ``named``, any file is (a whole root usually holds few of the 26)."""
     lines = []
     for result in results:
         lines.append(f"{result.name} [{'held-in' if result.held_in else 'held-out'}]: {result.status}")
@@ -126,14 +157,27 @@ def format_check(results: list[DatasetCheck]) -> str:
                 lines.append(f"  {split.split}: missing " + ", ".join(str(path) for path in split.missing))
             else:
                 lines.append(f"  {split.split}: error {split.error}")
+            if split.media is not None:
+                lines += format_media_report(split.media, show, indent="  ")
         for role, path in result.media.items():
             if not result.media_found[role]:
                 lines.append(f"  {role}: folder not found: {path}")
+        annotations_missing = any(split.status == "missing" for split in result.splits)
+        if (named and annotations_missing) or (result.media_missing and (named or result.status != "missing")):
+            lines.append("  expected layout:")
+            lines += [f"    {line}" for line in result.layout]
     found = sum(result.status == "found" for result in results)
     partial = sum(result.status == "partial" for result in results)
     lines.append(
         f"{found} found, {partial} partial, {len(results) - found - partial} missing or broken "
         f"(of {len(results)})"
     )
+    if not named and any(result.status == "missing" for result in results):
+        lines.append("where each dataset's files go: ibkit data list --layout (or docs/data.md)")
+    checked = [split.media for result in results for split in result.splits if split.media is not None]
+    if checked:
+        bad = sum(len(report.problems) for report in checked)
+        files = sum(report.checked for report in checked)
+        lines.append(f"media: {files} file(s) checked, {bad} bad" if bad else f"media: {files} file(s) checked, all decode")
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ibkit.data.collate import InstructionCollator
 from ibkit.data.dataset import BadInputTally, InstructionDataset, MixtureDataset
+from ibkit.data.media_check import MediaCheckOptions, require_clean_media
 from ibkit.data.registry import get_spec, load_samples
 from ibkit.data.sampler import MixtureSampler, MixtureStream, describe_mixture, mixture_weights
 from ibkit.data.shards import shard_dataset, training_stream
@@ -79,7 +80,9 @@ class InstructionDataModule(LightningDataModule):
         eval_splits: split per eval dataset, over the paper's defaults.
         train_augment / crop_scale: RandomResizedCrop(scale) for training; ``train_augment=False`` trains
             on the deterministic eval transform (counting/spatial data, the frozen-feature cache).
-        strict: raise on the first bad record/file instead of skipping and counting it.
+        strict: raise on the first bad record/file instead of skipping and counting it; a strict run also
+            decodes every training and evaluation image/video in ``setup`` (before the first step).
+        strict_media_sample: the seeded fraction of each set's media files that strict check decodes (0: none).
         max_eval_samples: evaluate a seeded random subset of at most this many samples per dataset.
         skip_missing_eval: drop (with a warning) eval datasets whose annotation files are not under the
             data root, instead of failing: "evaluate every held-out dataset present".
@@ -118,6 +121,7 @@ class InstructionDataModule(LightningDataModule):
         num_frames: int = 4,
         seed: int = 42,
         strict: bool = False,
+        strict_media_sample: float = 1.0,
         max_eval_samples: int | None = None,
         skip_missing_eval: bool = False,
         qformer_tokenizer: str | None = None,
@@ -166,6 +170,10 @@ class InstructionDataModule(LightningDataModule):
         self.num_frames = num_frames
         self.seed = seed
         self.strict = strict
+        if not 0 <= strict_media_sample <= 1:
+            raise ValueError(f"strict_media_sample must be in [0, 1], got {strict_media_sample}")
+        self.strict_media_sample = strict_media_sample
+        self._media_checked: set[tuple[str, str]] = set()  # (dataset, split) sets the strict check passed
         self.max_eval_samples = max_eval_samples
         self.skip_missing_eval = skip_missing_eval
         self.qformer_tokenizer_path, self.llm_tokenizer_path = qformer_tokenizer, llm_tokenizer
@@ -276,6 +284,18 @@ class InstructionDataModule(LightningDataModule):
             self._setup_train()
         if self.eval_datasets is None and self.eval_dataset_names:
             self._setup_eval()
+        if self.strict and self.strict_media_sample > 0:
+            self._check_media()
+
+    def _check_media(self) -> None:
+        """Strict runs: a bad file stops the run now, naming it, not when training reaches it hours in."""
+        sets = [(d.name, self.train_split, d.samples) for d in getattr(self.train_dataset, "datasets", [])
+                if isinstance(d, InstructionDataset)]  # streamed shards are checked as they are read
+        sets += [(d.name, eval_split_for(d.spec, self.eval_splits), d.samples) for d in self.eval_datasets or []]
+        todo = [entry for entry in sets if entry[:2] not in self._media_checked]
+        options = MediaCheckOptions(self.strict_media_sample, self.seed, self.num_frames, max(1, self.num_workers))
+        require_clean_media(todo, options, progress=True)
+        self._media_checked.update(entry[:2] for entry in todo)
 
     def _setup_train(self) -> None:
         transform = image_transform(
@@ -294,22 +314,14 @@ class InstructionDataModule(LightningDataModule):
                 raise ValueError(
                     f"{name}: split {self.train_split!r} has no usable samples under {self.data_root}"
                 )
-            parts.append(
-                InstructionDataset(
-                    samples,
-                    transform,
-                    name=name,
-                    template_set=spec.templates,
-                    seed=self.seed,
-                    num_frames=self.num_frames,
-                    strict=self.strict,
-                    max_retries=self.max_retries,
-                    require_target=True,
-                )
-            )
+            parts.append(InstructionDataset(
+                samples, transform, name=name, template_set=spec.templates, seed=self.seed,
+                num_frames=self.num_frames, strict=self.strict, max_retries=self.max_retries, require_target=True,
+            ))
         for name, config in self.shards.items():
-            parts.append(shard_dataset(name, config, transform, seed=self.seed, strict=self.strict,
-                                       max_retries=self.max_retries))
+            parts.append(shard_dataset(
+                name, config, transform, seed=self.seed, strict=self.strict, max_retries=self.max_retries
+            ))
         self.train_dataset = MixtureDataset(parts)
         sizes = dict(zip(self.train_dataset.names, self.train_dataset.sizes))
         self.mixture = mixture_weights(sizes, self.mixing, self.multipliers, self.use_default_multipliers)
@@ -335,11 +347,9 @@ class InstructionDataModule(LightningDataModule):
                     random.Random(f"{self.seed}:{name}").sample(range(len(samples)), self.max_eval_samples)
                 )
                 samples = [samples[i] for i in keep]
-            self.eval_datasets.append(
-                InstructionDataset(
-                    samples, transform, name=name, spec=spec, num_frames=self.num_frames, strict=self.strict
-                )
-            )
+            self.eval_datasets.append(InstructionDataset(
+                samples, transform, name=name, spec=spec, num_frames=self.num_frames, strict=self.strict
+            ))
         self.eval_dataset_names = present  # dataloader i is eval_dataset_names[i]
 
     # ------------------------------------------------------------------------------------ distribution

@@ -52,6 +52,7 @@ def _spec(name: str, held_in: bool, modality: str = "image", **kwargs) -> Datase
         modality=modality,
         suite=SUITE,
         clean_captions=False,  # generated captions: already the text the suite means to teach
+        media_layout=(f"<split>/<index:06d>.{'mp4' if modality == 'video' else 'png'}  (written by the demo)",),
         **kwargs,
     )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ibkit.data.registry.common import COCO_IMAGES, GEN_CAPTION, PROMPT_CAPTION
+from ibkit.data.registry.common import COCO2014_LAYOUT, COCO_IMAGES, GEN_CAPTION, PROMPT_CAPTION
 from ibkit.data.registry.spec import DatasetSpec, LazyReader
 
 SPECS: list[DatasetSpec] = [
@@ -26,6 +26,7 @@ SPECS: list[DatasetSpec] = [
         templates="caption",
         generation=GEN_CAPTION,
         description="COCO Caption, Karpathy split (or captions_*2014.json)",
+        media_layout=COCO2014_LAYOUT,
     ),
     DatasetSpec(
         name="capfilt",
@@ -40,7 +41,11 @@ SPECS: list[DatasetSpec] = [
         prompt=PROMPT_CAPTION,
         templates="caption",
         generation=GEN_CAPTION,
-        description="Web CapFilt (BLIP synthetic captions); images at images/<sha1(url)>.jpg",
+        description="Web CapFilt (BLIP synthetic captions; no official image layout, ibkit names files by URL)",
+        media_layout=(
+            "<sha1(url)>.<ext>  (sha1 hex of the record's url; ext: the url's image suffix, jpg when none)",
+            "<image>  (LAVIS capfilt14m records: their image path)",
+        ),
     ),
     DatasetSpec(
         name="textcaps",
@@ -65,6 +70,7 @@ SPECS: list[DatasetSpec] = [
         templates="caption_ocr",
         generation=GEN_CAPTION,
         description="TextCaps 0.1 (images and Rosetta OCR shared with TextVQA)",
+        media_layout=("train_images/<image_id>.jpg  (train and val)", "test_images/<image_id>.jpg"),
     ),
     # ---------------------------------------------------------------- held-out
     DatasetSpec(
@@ -84,7 +90,10 @@ SPECS: list[DatasetSpec] = [
         prompt=PROMPT_CAPTION,
         templates="caption",
         generation=GEN_CAPTION,
-        description="NoCaps (images at images/<split>/<open_images_id>.jpg)",
+        description="NoCaps (official COCO-style annotations or the LAVIS lists)",
+        media_layout=(
+            "<split>/<file_name>  (val/, test/; file_name as in the annotation, <open_images_id>.jpg)",
+        ),
     ),
     DatasetSpec(
         name="flickr30k",
@@ -101,5 +110,6 @@ SPECS: list[DatasetSpec] = [
         templates="caption",
         generation=GEN_CAPTION,
         description="Flickr30K, Karpathy split (dataset_flickr30k.json)",
+        media_layout=("<filename>  (e.g. 1000092795.jpg)",),
     ),
 ]

@@ -22,6 +22,7 @@ SPECS: list[DatasetSpec] = [
         templates="true_false",
         generation={},
         description="Visual Spatial Reasoning, zero-shot split",
+        media_layout=("<image>  (the record's COCO 2017 file name, e.g. 000000085637.jpg)",),
     ),
     DatasetSpec(
         name="iconqa",
@@ -38,6 +39,7 @@ SPECS: list[DatasetSpec] = [
         templates="multiple_choice",
         generation={},
         description="IconQA choose_txt sub-task (problems.json + pid_splits.json)",
+        media_layout=("<split>/choose_txt/<pid>/image.png",),
     ),
     DatasetSpec(
         name="scienceqa",
@@ -54,6 +56,7 @@ SPECS: list[DatasetSpec] = [
         templates="multiple_choice",
         generation={},
         description="ScienceQA, questions with an image only",
+        media_layout=("<split>/<pid>/<image>  (image.png)",),
     ),
     DatasetSpec(
         name="hatefulmemes",
@@ -73,5 +76,6 @@ SPECS: list[DatasetSpec] = [
         templates="classification",
         generation={},
         description="Hateful Memes (candidates no/yes = label 0/1)",
+        media_layout=("img/<id:05d>.png  (the record's img)",),
     ),
 ]

@@ -36,3 +36,9 @@ PROMPT_VQG = "Given the image, generate a question whose answer is: {answer}. Qu
 PROMPT_LLAVA = "[[{context}\n]]{question}"
 
 COCO_IMAGES = "coco/images"  # holds train2014/ val2014/ (VQAv2, OKVQA, COCO Caption) and train2017/ val2017/
+# file names under COCO_IMAGES, shared by the datasets built on COCO
+COCO2014_LAYOUT = (
+    "train2014/COCO_train2014_<image_id:012d>.jpg",
+    "val2014/COCO_val2014_<image_id:012d>.jpg",
+)
+COCO2017_LAYOUT = ("<split>2017/<image_id:012d>.jpg  (train2017/, val2017/, test2017/)",)

@@ -9,6 +9,7 @@ from ibkit.data.registry.spec import DatasetSpec, LazyReader
 # LLaVA-Instruct-150K as LAVIS reads it: the three files merged; each spec reads its own file when it is
 # there and otherwise its records of the merged one (ibkit.data.readers.dialog.llava_subset)
 LLAVA_MERGED = "llava_instruct/llava_instruct_150k.json"
+LLAVA_LAYOUT = ("train2017/<image>  (COCO 2017 file name of the record; a path with / is taken as given)",)
 
 SPECS: list[DatasetSpec] = [
     # ---------------------------------------------------------------- held-in
@@ -27,6 +28,7 @@ SPECS: list[DatasetSpec] = [
         templates="llava",
         generation=GEN_LONG,
         description="LLaVA-Instruct-150K conversations (every turn a sample, earlier turns as context)",
+        media_layout=LLAVA_LAYOUT,
     ),
     DatasetSpec(
         name="llava_detail",
@@ -43,6 +45,7 @@ SPECS: list[DatasetSpec] = [
         templates="llava",
         generation=GEN_LONG,
         description="LLaVA-Instruct-150K detailed image descriptions",
+        media_layout=LLAVA_LAYOUT,
     ),
     DatasetSpec(
         name="llava_reasoning",
@@ -59,6 +62,7 @@ SPECS: list[DatasetSpec] = [
         templates="llava",
         generation=GEN_LONG,
         description="LLaVA-Instruct-150K complex reasoning",
+        media_layout=LLAVA_LAYOUT,
     ),
     # ---------------------------------------------------------------- held-out
     DatasetSpec(
@@ -76,5 +80,10 @@ SPECS: list[DatasetSpec] = [
         templates="dialog",
         generation={},
         description="Visual Dialog v1.0 (rank 100 candidate answers)",
+        media_layout=(
+            "VisualDialog_val2018/VisualDialog_val2018_<image_id:012d>.jpg",
+            "VisualDialog_test2018/VisualDialog_test2018_<image_id:012d>.jpg",
+            "train2014/COCO_train2014_<image_id:012d>.jpg  (train; val2014/COCO_val2014_... when only that exists)",
+        ),
     ),
 ]

@@ -58,6 +58,9 @@ class DatasetSpec:
     # caption targets cleaned as LAVIS's blip_caption processor (the paper's data); generated text keeps its own
     clean_captions: bool = True
     description: str = ""
+    # file names under the media folder as the reader builds them (``<field>``: a field of the record);
+    # not derivable from ``files``, so ``ibkit data list --layout`` and docs/data.md read them here
+    media_layout: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"DatasetSpec {self.name!r}"
@@ -76,6 +79,8 @@ class DatasetSpec:
             raise ValueError(
                 f"{where}: eval_split {self.eval_split!r} is not one of the splits {self.splits}"
             )
+        if self.media_layout and not any(role in self.files for role in MEDIA_ROLES):
+            raise ValueError(f"{where}: media_layout given but no media role ({MEDIA_ROLES}) in files")
         unknown = [role for role in self.optional if role not in self.files]
         unknown += [r for pair in self.alternatives.items() for r in pair if r not in self.files]
         if unknown:

@@ -28,6 +28,9 @@ SPECS: list[DatasetSpec] = [
         templates="video_qa",
         generation={},
         description="MSVD-QA (rank LAVIS's answer vocabulary, train_ans2label.json; 4 frames)",
+        media_layout=(
+            "<youtube_id>_<start>_<end>.avi  (MSVD YouTubeClips; the clip of vid<video_id> in youtube_mapping.txt)",
+        ),
     ),
     DatasetSpec(
         name="msrvtt_qa",
@@ -46,6 +49,7 @@ SPECS: list[DatasetSpec] = [
         templates="video_qa",
         generation={},
         description="MSRVTT-QA (rank LAVIS's answer vocabulary, train_ans2label.json; 4 frames)",
+        media_layout=("video<video_id>.mp4  (TrainValVideo/ and TestVideo/ merged)",),
     ),
     DatasetSpec(
         name="ivqa",
@@ -62,5 +66,6 @@ SPECS: list[DatasetSpec] = [
         templates="video_qa",
         generation=GEN_SHORT,
         description="iVQA (5 answers each; 4 frames)",
+        media_layout=("<video_id>.mp4  (the clip is the csv row's start/end seconds)",),
     ),
 ]

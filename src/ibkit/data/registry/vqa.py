@@ -4,6 +4,8 @@ variants (answer in, question out) and the A-OKVQA multiple-choice finetuning va
 from __future__ import annotations
 
 from ibkit.data.registry.common import (
+    COCO2014_LAYOUT,
+    COCO2017_LAYOUT,
     COCO_IMAGES,
     GEN_QUESTION,
     GEN_SHORT,
@@ -52,6 +54,7 @@ SPECS: list[DatasetSpec] = [
         templates="vqa",
         generation=GEN_SHORT,
         description="VQAv2 official questions + annotations pair",
+        media_layout=COCO2014_LAYOUT,
     ),
     DatasetSpec(
         name="okvqa",
@@ -67,6 +70,7 @@ SPECS: list[DatasetSpec] = [
         templates="vqa",
         generation=GEN_SHORT,
         description="OK-VQA v1.1 (VQA-style questions + annotations pair)",
+        media_layout=COCO2014_LAYOUT,
     ),
     DatasetSpec(
         name="aokvqa",
@@ -82,6 +86,7 @@ SPECS: list[DatasetSpec] = [
         templates="vqa",
         generation=GEN_SHORT,
         description="A-OKVQA v1.0 (direct answers; choices kept as candidates)",
+        media_layout=COCO2017_LAYOUT,
     ),
     DatasetSpec(
         name="ocrvqa",
@@ -97,6 +102,7 @@ SPECS: list[DatasetSpec] = [
         templates="vqa_ocr",
         generation=GEN_SHORT,
         description="OCR-VQA dataset.json (split codes 1/2/3)",
+        media_layout=("<book_id>.<ext>  (ext: the image suffix of the record's imageURL, jpg when none)",),
     ),
     DatasetSpec(
         name="vqg_vqav2",
@@ -112,6 +118,7 @@ SPECS: list[DatasetSpec] = [
         templates="vqg",
         generation=GEN_QUESTION,
         description="question generation from VQAv2 (answer in, question out)",
+        media_layout=COCO2014_LAYOUT,
     ),
     DatasetSpec(
         name="vqg_okvqa",
@@ -127,6 +134,7 @@ SPECS: list[DatasetSpec] = [
         templates="vqg",
         generation=GEN_QUESTION,
         description="question generation from OK-VQA",
+        media_layout=COCO2014_LAYOUT,
     ),
     DatasetSpec(
         name="vqg_aokvqa",
@@ -142,6 +150,7 @@ SPECS: list[DatasetSpec] = [
         templates="vqg",
         generation=GEN_QUESTION,
         description="question generation from A-OKVQA",
+        media_layout=COCO2017_LAYOUT,
     ),
     # ---------------------------------------------------------------- held-out
     DatasetSpec(
@@ -163,6 +172,7 @@ SPECS: list[DatasetSpec] = [
         templates="vqa",
         generation=GEN_SHORT,
         description="GQA balanced questions (official dict or LAVIS list)",
+        media_layout=("<imageId>.jpg",),
     ),
     DatasetSpec(
         name="textvqa",
@@ -181,6 +191,7 @@ SPECS: list[DatasetSpec] = [
         templates="vqa_ocr",
         generation=GEN_SHORT,
         description="TextVQA 0.5.1 with Rosetta OCR tokens (first 30)",
+        media_layout=("train_images/<image_id>.jpg  (train and val)", "test_images/<image_id>.jpg"),
     ),
     DatasetSpec(
         name="vizwiz",
@@ -195,7 +206,8 @@ SPECS: list[DatasetSpec] = [
         prompt=PROMPT_SHORT_QA,
         templates="vqa",
         generation=GEN_SHORT,
-        description="VizWiz-VQA (images at images/<split>/VizWiz_<split>_*.jpg)",
+        description="VizWiz-VQA (val stands in for the test-dev server)",
+        media_layout=("<split>/VizWiz_<split>_<number:08d>.jpg  (train/, val/, test/)",),
     ),
     # ---------------------------------------------------------------- finetuning variants (Table 3)
     DatasetSpec(
@@ -213,5 +225,6 @@ SPECS: list[DatasetSpec] = [
         generation={},
         suite="finetune",
         description="A-OKVQA multiple choice: the same files, ranking the 4 choices (paper Table 3)",
+        media_layout=COCO2017_LAYOUT,
     ),
 ]
