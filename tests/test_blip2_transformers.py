@@ -16,14 +16,8 @@ from tiny_models import (
     with_placeholders,
 )
 
-from ibkit.models.blip2 import Blip2Stage1, build_stage2, init_from_blip2
-from ibkit.models.blip2_transformers_io import (
-    SIDE_FILE,
-    load_blip2,
-    load_blip2_generation,
-    load_blip2_retrieval,
-    save_blip2_generation,
-)
+from ibkit.models.blip2 import Blip2Stage1, build_stage2, init_from_blip2, load_blip2
+from ibkit.models.blip2_transformers_io import SIDE_FILE, load_blip2_generation, save_blip2_generation
 from ibkit.models.instructblip import InstructBLIP
 from ibkit.models.language import LanguageModel
 from ibkit.models.qformer import QFormerConfig
@@ -98,7 +92,7 @@ def retrieval(tmp_path_factory):
     directory = tmp_path_factory.mktemp("hf_blip2_itm")
     hf = build_hf_retrieval()
     hf.save_pretrained(directory)
-    return hf, load_blip2_retrieval(directory), directory
+    return hf, Blip2Stage1.from_pretrained(directory), directory
 
 
 def test_retrieval_itc_and_itm_match_transformers(retrieval):

@@ -155,11 +155,9 @@ def test_paper_size_trainable_count_on_meta_device():
 
 def test_pretrained_loads_in_the_other_qformer_mode(tmp_path):
     """The BLIP-2 ablation starts from an InstructBLIP folder: the text-only weights are dropped, the rest kept."""
-    from ibkit.models.transformers_io import load_pretrained
-
     source = tiny_model(T5_TEXT)
     source.save_pretrained(tmp_path / "instructblip")
-    blip2 = load_pretrained(tmp_path / "instructblip", instruction_aware=False)
+    blip2 = InstructBLIP.from_pretrained(tmp_path / "instructblip", instruction_aware=False)
     assert not blip2.qformer_config.instruction_aware
     shared = blip2.state_dict()
     for name, value in source.state_dict().items():
@@ -174,7 +172,7 @@ def test_pretrained_loads_in_the_other_qformer_mode(tmp_path):
     torch.testing.assert_close(a, b)  # the instruction no longer reaches the queries
 
     blip2.save_pretrained(tmp_path / "blip2")
-    assert not load_pretrained(tmp_path / "blip2").qformer_config.instruction_aware  # the mode is saved
-    back = load_pretrained(tmp_path / "blip2", instruction_aware=True)  # text parts start fresh
+    assert not InstructBLIP.from_pretrained(tmp_path / "blip2").qformer_config.instruction_aware  # the mode is saved
+    back = InstructBLIP.from_pretrained(tmp_path / "blip2", instruction_aware=True)  # text parts start fresh
     assert back.qformer_config.instruction_aware
     torch.testing.assert_close(back.query_tokens, source.query_tokens)

@@ -20,14 +20,9 @@ from torch.utils.data import DataLoader
 
 from ibkit.data.datamodule import InstructionDataModule
 from ibkit.data.errors import MalformedRecordError
-from ibkit.data.shards import (
-    ShardCaptionDataset,
-    ShardSamples,
-    ShardStream,
-    SlottedMixtureStream,
-    expand_shard_urls,
-    shard_sizes,
-)
+from ibkit.data.shard_files import expand_shard_urls, shard_sizes
+from ibkit.data.shard_mixture import SlottedMixtureStream
+from ibkit.data.shards import ShardCaptionDataset, ShardSamples, ShardStream
 from ibkit.data.transforms import BadInputError, decode_image, eval_transform
 
 

@@ -143,7 +143,8 @@ def _run_group(prog: str, path: Sequence[str], group: Group, argv: list[str]) ->
 def _run_with_training_config(prog: str, function: Callable[..., Any], argv: list[str]) -> int:
     from ibkit.app.config import TRAINING_OBJECTS, IbkitCLI
 
-    cli = IbkitCLI(argv, run=False, function=function, build_trainer=False, prog=prog)
+    cli = IbkitCLI(argv, run=False, function=function, build_trainer=False, prog=prog,
+                   description=description(function))
     names = [name for name in inspect.signature(function).parameters if name not in TRAINING_OBJECTS]
     kwargs = {name: cli.config_init[name] for name in names}
     return _call(cli.parser, function, {"module": cli.model, "datamodule": cli.datamodule, **kwargs})

@@ -61,6 +61,7 @@ class IbkitCLI(LightningCLI):
     ``args`` is a command line (list of strings; ``None``: ``sys.argv``) or a :class:`ConfigRequest`.
     ``function``: a command whose own arguments are parsed beside the training configuration (its
     parameters except :data:`TRAINING_OBJECTS`). ``build_trainer=False`` builds only module and datamodule.
+    ``prog`` and ``description`` head the ``--help`` text (the command runner passes the command's).
     """
 
     def __init__(
@@ -70,16 +71,15 @@ class IbkitCLI(LightningCLI):
         function: Callable[..., Any] | None = None,
         build_trainer: bool = True,
         prog: str = "ibkit",
+        description: str | None = None,
     ) -> None:
         from ibkit.training.module import InstructBLIPModule
 
         self._function = function
         self._build_trainer = build_trainer
         parser_kwargs: dict[str, Any] = {"prog": prog}
-        if function is not None:
-            from ibkit.app.commands import description
-
-            parser_kwargs["description"] = description(function)
+        if description is not None:
+            parser_kwargs["description"] = description
         with warnings.catch_warnings():
             # in-process calls (tests, notebooks, the app's commands) pass args while sys.argv holds something else
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")

@@ -31,7 +31,7 @@ from ibkit.data.dataset import BadInputTally, InstructionDataset, MixtureDataset
 from ibkit.data.media_check import MediaCheckOptions, require_clean_media
 from ibkit.data.registry import get_spec, load_samples
 from ibkit.data.sampler import MixtureSampler, MixtureStream, describe_mixture, mixture_weights
-from ibkit.data.shards import shard_dataset, training_stream
+from ibkit.data.shard_mixture import shard_dataset, training_stream
 from ibkit.data.tokenize import nested_qformer_tokenizer
 from ibkit.data.transforms import image_transform
 from ibkit.models.vision.base import CLIP_MEAN, CLIP_STD

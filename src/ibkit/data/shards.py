@@ -21,6 +21,9 @@ Every tar sample keeps its place in the stream even when it is bad (no image, no
 undecodable image, a tar that ends before its declared size): in the training mixture the draw that
 hits it moves on to the slot's next entries, as map-style datasets do, and each bad entry is counted;
 ``strict=True`` raises instead, naming the shard and the key.
+
+Finding and reading the shard files is :mod:`ibkit.data.shard_files`; the datamodule's ``shards`` entries
+and the slotted training mixture are :mod:`ibkit.data.shard_mixture`.
 """
 
 from __future__ import annotations
@@ -29,127 +32,23 @@ import contextlib
 import json
 import logging
 import random
-import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as buffer_shuffle
-from webdataset.gopen import gopen
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ibkit.data.errors import SkipCounter
 from ibkit.data.sample import Sample
-from ibkit.data.sampler import MixtureStream
-from ibkit.data.templates import TEMPLATES, fill_instruction, template_rng
+from ibkit.data.shard_files import IMAGE_KEYS, expand_shard_urls, read_shard, shard_sizes
+from ibkit.data.templates import fill_instruction, template_rng
 from ibkit.data.transforms import BadInputError, ImageTransform, decode_image
 
 log = logging.getLogger(__name__)
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode_format choices
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-_GLOB = re.compile(r"[*?\[]")
-
-
-# ------------------------------------------------------------------------------------------ shard lists
-def expand_shard_urls(patterns: str | Sequence[str]) -> list[str]:
-    """Shard URLs from brace patterns (``shards/{00000..00099}.tar``), globs, folders or plain URLs.
-
-    A URL ending in ``.tar`` is a shard; one with ``*``/``?``/``[`` is globbed (fsspec, any filesystem);
-    anything else is a folder whose ``*.tar`` files are the shards. Order: as written, globs sorted.
-    """
-    urls: list[str] = []
-    for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
-        for url in expand_urls(pattern):
-            if url.startswith("pipe:") or (url.endswith(SHARD_SUFFIXES) and not _GLOB.search(url)):
-                urls.append(url)
-                continue
-            glob = url if _GLOB.search(url) else url.rstrip("/") + "/*.tar"
-            found = _glob(glob)
-            if not found:
-                raise FileNotFoundError(f"no shards match {glob!r} (from {pattern!r})")
-            urls.extend(found)
-    if not urls:
-        raise ValueError(f"no shard URLs in {patterns!r}")
-    return urls
-
-
-def _glob(pattern: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(pattern)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    return sorted(path if local else fs.unstrip_protocol(path) for path in fs.glob(path))
-
-
-def _open(url: str) -> Any:
-    return gopen(url) if url.startswith("pipe:") else fsspec.open(url, "rb").open()
-
-
-def stats_url(url: str) -> str:
-    """img2dataset's stats file of a shard: ``00042.tar`` -> ``00042_stats.json``."""
-    for suffix in SHARD_SUFFIXES:
-        if url.endswith(suffix):
-            return url[: -len(suffix)] + "_stats.json"
-    return url + "_stats.json"
-
-
-def _declared_size(url: str) -> int | None:
-    if url.startswith("pipe:"):
-        return None
-    try:
-        with fsspec.open(stats_url(url), "rt") as handle:
-            return int(json.load(handle)["successes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def read_shard(url: str, problems: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """The raw samples of one shard (``{"__key__", "__url__", "jpg": bytes, "txt": bytes, ...}``).
-
-    webdataset reads the tar; an unopenable or broken tar ends the shard early and its error is
-    appended to ``problems`` (the caller decides whether that is a skip or an error).
-    """
-    problems = problems if problems is not None else []
-
-    def stop(error: Exception) -> bool:
-        problems.append(f"{type(error).__name__}: {error.args[0] if error.args else error}")
-        return False  # after a broken member the tar stream position is unknown: end the shard
-
-    try:
-        stream = _open(url)
-    except OSError as error:
-        stop(error)
-        return
-    try:
-        members = tar_file_expander([{"url": url, "stream": stream}], handler=stop)
-        yield from group_by_keys(members, handler=stop)
-    finally:
-        stream.close()
-
-
-def shard_sizes(urls: Sequence[str], threads: int = 16) -> list[int]:
-    """Samples per shard: img2dataset's ``successes`` from the stats files, else counted by reading."""
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls)))) as pool:
-        declared = list(pool.map(_declared_size, urls))
-    missing = [i for i, size in enumerate(declared) if size is None]
-    if missing:
-        log.warning(
-            "%d of %d shards have no img2dataset stats file (e.g. %s): counting their samples by reading them",
-            len(missing),
-            len(urls),
-            stats_url(urls[missing[0]]),
-        )
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(missing)))) as pool:
-            counted = list(pool.map(lambda i: sum(1 for _ in read_shard(urls[i])), missing))
-        for i, count in zip(missing, counted):
-            declared[i] = count
-    return [int(size) for size in declared]  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------ the stream
@@ -460,7 +359,7 @@ class ShardSamples(IterableDataset):
 class ShardCaptionDataset(Dataset):
     """The shard stream as one dataset of the training mixture (what :class:`MixtureDataset` indexes).
 
-    Index ``i`` is entry ``i // num_slots`` of slot ``i % num_slots``; :class:`SlottedMixtureStream`
+    Index ``i`` is entry ``i // num_slots`` of slot ``i % num_slots``; :class:`~ibkit.data.shard_mixture.SlottedMixtureStream`
     hands each slot's draws out in order, so every worker reads its own shards sequentially. Items are
     those of :class:`~ibkit.data.dataset.InstructionDataset` (template and crop seeded by (seed, name,
     index, position)); a bad entry is replaced by the slot's following ones (``max_retries``), each
@@ -489,7 +388,7 @@ class ShardCaptionDataset(Dataset):
         self.strict = strict
         self.max_retries = max_retries
         self.image_keys, self.caption_key = tuple(image_keys), caption_key
-        self.num_slots = 1  # world size x loader workers, set by training_stream()
+        self.num_slots = 1  # world size x loader workers, set by shard_mixture.training_stream()
         self._readers: dict[tuple[int, int], _SlotReader] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -556,167 +455,3 @@ class ShardCaptionDataset(Dataset):
             item["skipped"] = skipped
             return item
         return {"pixel_values": None, "sample_id": first_key, "dataset": self.name, "skipped": skipped}
-
-
-# ------------------------------------------------------------------------------------------ in the mixture
-class SlottedMixtureStream(MixtureStream):
-    """The training mixture where streamed datasets' draws are numbered per slot.
-
-    Position ``p`` belongs to rank ``p % W``; that rank's local draw ``q = p // W`` falls in batch
-    ``q // B``, which the DataLoader hands to worker ``batch % workers``: that is the slot
-    ``rank * workers + worker``. A streamed dataset's draw at ``p`` is its ``k``-th draw on that slot,
-    returned as sample index ``k * num_slots + slot`` (what :class:`ShardCaptionDataset` decodes).
-    Everything stays a pure function of the position, so resuming from a position needs no state.
-    Map-style datasets keep :class:`MixtureStream`'s indices.
-    """
-
-    _CHECKPOINT_EVERY = 256  # blocks between stored per-slot counts (memory: num_slots ints each)
-
-    def __init__(
-        self,
-        sizes: Sequence[int],
-        weights: Sequence[float],
-        *,
-        streamed: Sequence[int],
-        world_size: int = 1,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        seed: int = 0,
-        block_size: int = 4096,
-        shuffle: bool = True,
-    ) -> None:
-        super().__init__(sizes, weights, seed=seed, block_size=block_size, shuffle=shuffle)
-        if world_size <= 0 or batch_size <= 0 or num_workers < 0:
-            raise ValueError(
-                f"invalid world_size {world_size}, batch_size {batch_size}, workers {num_workers}"
-            )
-        self.streamed = sorted(int(d) for d in streamed)
-        self.world_size, self.batch_size = int(world_size), int(batch_size)
-        self.workers = max(1, int(num_workers))  # 0 workers: the main process is the rank's one slot
-        self.num_slots = self.world_size * self.workers
-        self._row = np.full(self.num_datasets, -1, dtype=np.int64)
-        self._row[self.streamed] = np.arange(len(self.streamed))
-        empty = np.zeros((len(self.streamed), self.num_slots), dtype=np.int64)
-        self._slot_checkpoints: dict[int, np.ndarray] = {0: empty}
-        self._slot_last: tuple[int, np.ndarray] = (0, empty)
-        self._slotted: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-
-    def slot_of(self, positions: np.ndarray) -> np.ndarray:
-        positions = np.asarray(positions, dtype=np.int64)
-        rank, local = positions % self.world_size, positions // self.world_size
-        return rank * self.workers + (local // self.batch_size) % self.workers
-
-    def _positions(self, block: int) -> np.ndarray:
-        return block * self.block_size + np.arange(self.block_size, dtype=np.int64)
-
-    def _slot_counts(self, block: int) -> np.ndarray:
-        datasets = self._block_datasets(block)
-        rows = self._row[datasets]
-        keep = rows >= 0
-        keys = rows[keep] * self.num_slots + self.slot_of(self._positions(block))[keep]
-        counts = np.bincount(keys, minlength=len(self.streamed) * self.num_slots)
-        return counts.reshape(len(self.streamed), self.num_slots)
-
-    def _slot_counts_before(self, block: int) -> np.ndarray:
-        start = max(b for b in self._slot_checkpoints if b <= block)
-        counts = self._slot_checkpoints[start]
-        if start < self._slot_last[0] <= block:
-            start, counts = self._slot_last
-        counts = counts.copy()
-        for b in range(start, block):
-            counts += self._slot_counts(b)
-            if (b + 1) % self._CHECKPOINT_EVERY == 0:
-                self._slot_checkpoints[b + 1] = counts.copy()
-        self._slot_last = (block, counts.copy())
-        return counts
-
-    def block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
-        if block in self._slotted:
-            self._slotted.move_to_end(block)
-            return self._slotted[block]
-        datasets, samples = super().block(block)
-        samples = samples.copy()
-        slots = self.slot_of(self._positions(block))
-        before = self._slot_counts_before(block)
-        for d in self.streamed:
-            where = np.flatnonzero(datasets == d)
-            if where.size == 0:
-                continue
-            slot = slots[where]
-            order = np.argsort(slot, kind="stable")
-            ranked = slot[order]
-            within = np.empty(where.size, dtype=np.int64)
-            within[order] = np.arange(where.size) - np.searchsorted(ranked, ranked, side="left")
-            samples[where] = (before[self._row[d], slot] + within) * self.num_slots + slot
-        self._slotted[block] = (datasets, samples)
-        if len(self._slotted) > 4:
-            self._slotted.popitem(last=False)
-        return datasets, samples
-
-
-SHARD_OPTIONS = ("urls", "buffer_size", "shuffle_shards", "template_set", "caption_key")
-
-
-def shard_dataset(
-    name: str, config: str | Sequence[str] | Mapping[str, Any], transform: ImageTransform, **kwargs: Any
-) -> ShardCaptionDataset:
-    """A mixture dataset from a datamodule ``shards`` entry: a pattern, a list, or ``{urls: ..., ...}``.
-
-    ``kwargs`` (seed, strict, max_retries) come from the datamodule; the entry may set ``buffer_size``
-    (default 0), ``shuffle_shards`` (True), ``template_set`` ("caption"; null for an empty instruction)
-    and ``caption_key`` ("txt").
-    """
-    options = dict(config) if isinstance(config, Mapping) else {"urls": config}
-    unknown = sorted(set(options) - set(SHARD_OPTIONS))
-    if unknown or "urls" not in options:
-        raise ValueError(
-            f"shards entry {name!r}: needs 'urls', may set {SHARD_OPTIONS[1:]}; got {sorted(options)}"
-        )
-    template_set = options.get("template_set", "caption")
-    if template_set is not None and template_set not in TEMPLATES:
-        raise ValueError(f"shards entry {name!r}: unknown template_set {template_set!r}")
-    stream = ShardStream.from_patterns(
-        options["urls"],
-        seed=kwargs.get("seed", 0),
-        shuffle_shards=bool(options.get("shuffle_shards", True)),
-        buffer_size=int(options.get("buffer_size", 0)),
-    )
-    log.info("%s: %d samples in %d shards", name, stream.total, len(stream.urls))
-    return ShardCaptionDataset(
-        stream,
-        transform,
-        name=name,
-        template_set=template_set,
-        caption_key=options.get("caption_key", "txt"),
-        **kwargs,
-    )
-
-
-def training_stream(
-    datasets: Sequence[Any],
-    weights: Sequence[float],
-    *,
-    seed: int,
-    block_size: int,
-    world_size: int,
-    batch_size: int,
-    num_workers: int,
-) -> MixtureStream:
-    """The mixture stream for these datasets: plain, or slotted when some are shard streams."""
-    streamed = [i for i, dataset in enumerate(datasets) if isinstance(dataset, ShardCaptionDataset)]
-    sizes = [len(dataset) for dataset in datasets]
-    if not streamed:
-        return MixtureStream(sizes, weights, seed=seed, block_size=block_size)
-    stream = SlottedMixtureStream(
-        sizes,
-        weights,
-        streamed=streamed,
-        world_size=world_size,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        seed=seed,
-        block_size=block_size,
-    )
-    for i in streamed:
-        datasets[i].num_slots = stream.num_slots
-    return stream

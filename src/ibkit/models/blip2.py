@@ -8,7 +8,8 @@ and :func:`prefix_lm_batch` make its decoder-only and FlanT5 (prefix LM) trainin
 ``InstructBLIP.forward``. :func:`init_from_blip2` carries a stage-1 or stage-2 result into the next stage
 or into an instruction-tuned InstructBLIP.
 
-Plain ``nn.Module`` code; the transformers folder formats are in ``blip2_transformers_io``.
+Plain ``nn.Module`` code; the transformers folder formats are in ``blip2_transformers_io`` (which the
+models here call, never the reverse); :func:`load_blip2` reads either kind of folder.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ibkit.models import blip2_transformers_io, transformers_io
 from ibkit.models.blip2_losses import (
     ContrastiveOutput,
     gather_rows,
@@ -36,14 +39,10 @@ from ibkit.models.blip2_losses import (
 )
 from ibkit.models.instructblip import InstructBLIP
 from ibkit.models.language import LanguageModel
-from ibkit.models.qformer import QFormer, QFormerConfig, _activation
+from ibkit.models.qformer import BERT_DEC_TOKEN_ID, QFormer, QFormerConfig, _activation
 from ibkit.models.vision.base import VisionEncoder
 
 log = logging.getLogger(__name__)
-
-#: ``[DEC]``'s id in the Q-Former vocabulary: bert-base-uncased has 30522 tokens, ``[DEC]`` is appended.
-BERT_DEC_TOKEN_ID = 30522
-
 
 class Blip2LMHead(nn.Module):
     """BERT's prediction head (LAVIS ``Qformer.cls.predictions``): dense -> act -> LayerNorm -> vocabulary.
@@ -351,18 +350,23 @@ class Blip2Stage1(nn.Module):
 
     # -- persistence (transformers Blip2ForImageTextRetrieval folders) ----------------------------------
     @classmethod
-    def from_pretrained(cls, path: Any, **kwargs: Any) -> Blip2Stage1:
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> Blip2Stage1:
         """Load a transformers ``Blip2ForImageTextRetrieval`` folder (or one saved by :meth:`save_pretrained`)."""
-        from ibkit.models.blip2_transformers_io import load_blip2_retrieval
+        return blip2_transformers_io.load_blip2_retrieval(cls, path, **kwargs)
 
-        return load_blip2_retrieval(path, **kwargs)
-
-    def save_pretrained(self, path: Any) -> Any:
+    def save_pretrained(self, path: str | Path) -> Path:
         """Write a folder that transformers' ``Blip2ForImageTextRetrieval`` loads as is (ITG head and
         temperature in a side file that only ibkit reads)."""
-        from ibkit.models.blip2_transformers_io import save_blip2_retrieval
+        return blip2_transformers_io.save_blip2_retrieval(self, path)
 
-        return save_blip2_retrieval(self, path)
+
+def load_blip2(path: str | Path, **kwargs: Any) -> Blip2Stage1 | InstructBLIP:
+    """Either BLIP-2 folder kind, by its ``architectures`` (hub ids are resolved first): a retrieval folder
+    gives a :class:`Blip2Stage1`, a generation folder a BLIP-2-mode :class:`InstructBLIP`."""
+    directory = transformers_io._resolve(path)
+    if blip2_transformers_io.blip2_architecture(directory) == blip2_transformers_io.RETRIEVAL:
+        return Blip2Stage1.from_pretrained(directory, **kwargs)
+    return blip2_transformers_io.load_blip2_generation(directory, **kwargs)
 
 
 # -- stage 2 ------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ reuses) only in the Q-Former: transformers keeps the embedding LayerNorm as ``qf
 the retrieval model, the text embeddings at the top level (``embeddings.*``); ibkit keeps both under
 ``qformer.embeddings``. Stage 1's ITG head and temperature have no place in transformers' retrieval model:
 they go to a side file (``SIDE_FILE``) that transformers never opens and ibkit reads back.
+
+:class:`ibkit.models.blip2.Blip2Stage1` reads and writes its folders through its ``from_pretrained`` /
+``save_pretrained``, which call this module; so this module does not import it: the retrieval loader is
+handed the class to build, and the rest works on the model's attributes.
 """
 
 from __future__ import annotations
@@ -14,17 +18,22 @@ import json
 import logging
 import re
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ibkit.models.blip2 import BERT_DEC_TOKEN_ID, Blip2Stage1
+from ibkit.models import transformers_io
 from ibkit.models.instructblip import InstructBLIP
 from ibkit.models.language import LanguageModel, resolve_dtype
+from ibkit.models.lora import has_lora, merged_copy
+from ibkit.models.qformer import BERT_DEC_TOKEN_ID
 from ibkit.models.vision.eva_vit import EVAViT, EVAViTConfig
+
+#: the stage-1 model class a retrieval folder is loaded into (Blip2Stage1 or a subclass)
+Stage1T = TypeVar("Stage1T", bound=nn.Module)
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +52,6 @@ _QFORMER_RENAMES = (
 )
 
 
-def _instructblip_io() -> ModuleType:
-    """The InstructBlip folder mapping, which BLIP-2's folders share most of their names with."""
-    from ibkit.models import transformers_io
-
-    return transformers_io
-
-
 def _rename(key: str, to_ibkit: bool) -> str:
     for hf, ours in _QFORMER_RENAMES:
         old, new = (hf, ours) if to_ibkit else (ours, hf)
@@ -60,15 +62,14 @@ def _rename(key: str, to_ibkit: bool) -> str:
 
 def hf_to_ibkit_blip2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers BLIP-2 tensor names -> ibkit names (either model class)."""
-    return {_rename(k, True): v for k, v in _instructblip_io().hf_to_ibkit_state(state).items()}
+    return {_rename(k, True): v for k, v in transformers_io.hf_to_ibkit_state(state).items()}
 
 
 def ibkit_to_hf_blip2_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """ibkit tensors -> transformers BLIP-2 names; for a :class:`Blip2Stage1` the side-file tensors are left out."""
-    io = _instructblip_io()
-    if isinstance(model, Blip2Stage1):  # no LLM: hand the InstructBlip mapping an empty one
+    """ibkit tensors -> transformers BLIP-2 names; for a stage-1 model the side-file tensors are left out."""
+    if not hasattr(model, "language_model"):  # stage 1, no LLM: hand the InstructBlip mapping an empty one
         model = SimpleNamespace(state_dict=model.state_dict, language_model=SimpleNamespace(base_model=nn.Module()))
-    state = io.ibkit_to_hf_state(model)
+    state = transformers_io.ibkit_to_hf_state(model)
     return {_rename(k, False): v for k, v in state.items() if not _SIDE_KEYS.match(k)}
 
 
@@ -92,7 +93,7 @@ def _qformer_config(cfg: Any, encoder_width: int, text_input: bool) -> dict[str,
     return values
 
 
-def retrieval_config_dict(model: Blip2Stage1, image_token_index: int | None = None) -> dict[str, Any]:
+def retrieval_config_dict(model: nn.Module, image_token_index: int | None = None) -> dict[str, Any]:
     """``config.json`` of a ``Blip2ForImageTextRetrieval`` folder describing ``model``."""
     return {
         "model_type": "blip-2",
@@ -113,7 +114,7 @@ def retrieval_config_dict(model: Blip2Stage1, image_token_index: int | None = No
 
 def generation_config_dict(model: InstructBLIP) -> dict[str, Any]:
     """``config.json`` of a ``Blip2ForConditionalGeneration`` folder describing a BLIP-2-mode InstructBLIP."""
-    cfg = _instructblip_io().hf_config_dict(model, getattr(model, "image_token_index", None))
+    cfg = transformers_io.hf_config_dict(model, getattr(model, "image_token_index", None))
     cfg["qformer_config"]["use_qformer_text_input"] = False
     cfg.update(model_type="blip-2", architectures=[GENERATION])
     return cfg
@@ -147,20 +148,19 @@ def _check(directory: Path, missing: list[str], unexpected: list[str], strict: b
         raise ValueError(f"{directory}: weights do not match the config: missing {missing[:10]}, unexpected {unexpected[:10]}")
 
 
-def load_blip2_retrieval(path: str | Path, strict: bool = True, **stage1_kwargs: Any) -> Blip2Stage1:
-    """A :class:`Blip2Stage1` from a ``Blip2ForImageTextRetrieval`` folder (local or hub id, e.g.
-    ``Salesforce/blip2-itm-vit-g``), in eval mode.
+def load_blip2_retrieval(cls: type[Stage1T], path: str | Path, strict: bool = True, **stage1_kwargs: Any) -> Stage1T:
+    """A stage-1 model ``cls`` (``Blip2Stage1.from_pretrained`` passes its class) from a
+    ``Blip2ForImageTextRetrieval`` folder (local or hub id, e.g. ``Salesforce/blip2-itm-vit-g``), in eval mode.
 
     Without ibkit's side file (any folder transformers wrote) the ITG head starts fresh (its vocabulary
     matrix is the tied word embeddings, so only its transform and bias are new) and the temperature is
     0.07; ``stage1_kwargs`` set the loss options (e.g. ``gather_with_grad``).
     """
-    io = _instructblip_io()
-    directory = io._resolve(path)
+    directory = transformers_io._resolve(path)
     cfg = _read_config(directory, RETRIEVAL)
     extra = cfg.get("ibkit", {})
-    vision_cfg = io.vision_config_from_hf(cfg.get("vision_config", {}))
-    qformer_cfg = io.qformer_config_from_hf(cfg.get("qformer_config", {}), instruction_aware=True)
+    vision_cfg = transformers_io.vision_config_from_hf(cfg.get("vision_config", {}))
+    qformer_cfg = transformers_io.qformer_config_from_hf(cfg.get("qformer_config", {}), instruction_aware=True)
     options = dict(
         num_query_tokens=cfg.get("num_query_tokens", 32),
         embed_dim=cfg.get("image_text_hidden_size", 256),
@@ -170,8 +170,8 @@ def load_blip2_retrieval(path: str | Path, strict: bool = True, **stage1_kwargs:
     )
     if "temperature_range" in extra:
         options["temperature_range"] = tuple(extra["temperature_range"])
-    model = Blip2Stage1(EVAViT(vision_cfg), qformer_cfg, **{**options, **stage1_kwargs})
-    state = hf_to_ibkit_blip2_state(io.read_weights(directory))  # the side file's names are ibkit's already
+    model = cls(EVAViT(vision_cfg), qformer_cfg, **{**options, **stage1_kwargs})
+    state = hf_to_ibkit_blip2_state(transformers_io.read_weights(directory))  # the side file's names are ibkit's already
     missing, unexpected = model.load_state_dict(state, strict=False)
     fresh = [k for k in missing if _SIDE_KEYS.match(k)]
     if fresh:
@@ -181,12 +181,11 @@ def load_blip2_retrieval(path: str | Path, strict: bool = True, **stage1_kwargs:
     return model.eval()
 
 
-def save_blip2_retrieval(model: Blip2Stage1, path: str | Path) -> Path:
+def save_blip2_retrieval(model: nn.Module, path: str | Path) -> Path:
     """Write a ``Blip2ForImageTextRetrieval`` folder (+ ibkit's side file with the ITG head and temperature)."""
-    io = _instructblip_io()
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    hf = io._dedupe_shared({k: v.detach().cpu() for k, v in ibkit_to_hf_blip2_state(model).items()})
+    hf = transformers_io._dedupe_shared({k: v.detach().cpu() for k, v in ibkit_to_hf_blip2_state(model).items()})
     side = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if _SIDE_KEYS.match(k)}
     _write(directory / "model.safetensors", hf)
     _write(directory / SIDE_FILE, side)
@@ -211,12 +210,11 @@ def load_blip2_generation(
     (absent from the folder) is freshly initialised; copy a stage-1 text side or BERT into it
     (:func:`ibkit.models.blip2.init_from_blip2`).
     """
-    io = _instructblip_io()
-    directory = io._resolve(path)
+    directory = transformers_io._resolve(path)
     cfg = _read_config(directory, GENERATION)
     extra = cfg.get("ibkit", {})
-    vision_cfg = io.vision_config_from_hf(cfg.get("vision_config", {}))
-    qformer_cfg = io.qformer_config_from_hf(cfg.get("qformer_config", {}), instruction_aware=instruction_aware)
+    vision_cfg = transformers_io.vision_config_from_hf(cfg.get("vision_config", {}))
+    qformer_cfg = transformers_io.qformer_config_from_hf(cfg.get("qformer_config", {}), instruction_aware=instruction_aware)
     text_cfg = dict(cfg["text_config"])
     text_cfg.setdefault("model_type", "opt" if cfg.get("use_decoder_only_language_model", True) else "t5")
     model = InstructBLIP(
@@ -226,10 +224,10 @@ def load_blip2_generation(
         num_query_tokens=cfg.get("num_query_tokens", 32),
         ln_vision_eps=extra.get("ln_vision_eps", vision_cfg.layer_norm_eps),
     )
-    state = hf_to_ibkit_blip2_state(io.read_weights(directory))
+    state = hf_to_ibkit_blip2_state(transformers_io.read_weights(directory))
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.language_model.base_model.tie_weights()
-    tied = io._tied_names(model)
+    tied = transformers_io._tied_names(model)
     fresh = [k for k in missing if instruction_aware and _TEXT_ONLY.match(k)]
     if fresh:
         log.info("%s: the Q-Former's text side (%d tensors) is freshly initialised", directory, len(fresh))
@@ -245,26 +243,16 @@ def save_blip2_generation(model: InstructBLIP, path: str | Path, processor: Any 
     if model.qformer_config.instruction_aware:
         raise ValueError("Blip2ForConditionalGeneration has no Q-Former text side: save an instruction-aware "
                          "model with InstructBLIP.save_pretrained (InstructBlip layout)")
-    from ibkit.models.lora import has_lora, merged_copy
-
     if model.language_model.lora is not None or has_lora(model.qformer):
         if not merge_lora:
             raise ValueError("the transformers layout has no LoRA adapters: save with merge_lora=True")
         model = merged_copy(model)
-    io = _instructblip_io()
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    state = io._dedupe_shared({k: v.detach().cpu() for k, v in ibkit_to_hf_blip2_state(model).items()})
+    state = transformers_io._dedupe_shared({k: v.detach().cpu() for k, v in ibkit_to_hf_blip2_state(model).items()})
     _write(directory / "model.safetensors", state)
     (directory / "config.json").write_text(json.dumps(generation_config_dict(model), indent=2, sort_keys=True))
     if processor is not None:
         processor.save_pretrained(directory)
     return directory
 
-
-def load_blip2(path: str | Path, **kwargs: Any) -> Blip2Stage1 | InstructBLIP:
-    """Either folder kind, by its ``architectures`` (hub ids are resolved first)."""
-    directory = _instructblip_io()._resolve(path)
-    if blip2_architecture(directory) == RETRIEVAL:
-        return load_blip2_retrieval(directory, **kwargs)
-    return load_blip2_generation(directory, **kwargs)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ibkit.models import transformers_io
 from ibkit.models.language import LanguageModel
 from ibkit.models.qformer import QFormer, QFormerConfig
 from ibkit.models.vision.base import VisionEncoder
@@ -355,14 +356,12 @@ class InstructBLIP(nn.Module):
         """Load a transformers InstructBlip(Video) directory (or hub id) or an ibkit-saved directory.
 
         The original LAVIS ``.pth`` files are a foreign format: :func:`ibkit.convert.lavis.load_lavis`
-        (or ``ibkit convert lavis``) reads them.
+        (or ``ibkit convert lavis``) reads them. Options: ``dtype`` (the LLM's), ``strict``,
+        ``instruction_aware`` (load in the other Q-Former mode); see
+        :func:`ibkit.models.transformers_io.load_pretrained`.
         """
-        from ibkit.models.transformers_io import load_pretrained
-
-        return load_pretrained(path, **kwargs)
+        return transformers_io.load_pretrained(cls, path, **kwargs)
 
     def save_pretrained(self, path: str | Path, processor: Any = None, merge_lora: bool = True) -> Path:
         """Write a directory that transformers' InstructBlipForConditionalGeneration loads as is."""
-        from ibkit.models.transformers_io import save_pretrained
-
-        return save_pretrained(self, path, processor=processor, merge_lora=merge_lora)
+        return transformers_io.save_pretrained(self, path, processor=processor, merge_lora=merge_lora)

@@ -11,14 +11,15 @@ with ``peft.inject_adapter_in_model``: the wrapped ``nn.Linear`` keeps working, 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 from torch import nn
 
 from ibkit.models.language import LoraSettings
 
-if TYPE_CHECKING:
-    from ibkit.models.instructblip import InstructBLIP
+#: a model with a ``language_model`` (:class:`~ibkit.models.language.LanguageModel`) and a ``qformer``:
+#: InstructBLIP, which imports its folder format, which imports this module (so no import of the class here)
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 #: The attention projections LoRA adapts by default (self- and cross-attention), as in the LoRA paper.
 QFORMER_LORA_TARGETS = ["query", "value"]
@@ -92,7 +93,7 @@ def _shallow_module_copy(module: nn.Module) -> nn.Module:
     return out
 
 
-def merged_copy(model: InstructBLIP) -> InstructBLIP:
+def merged_copy(model: ModelT) -> ModelT:
     """``model`` with every LoRA adapter (LLM and Q-Former) folded in, for export.
 
     Only the parts that carry adapters are deep-copied; the rest is shared with ``model``, which keeps its

@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: ``[DEC]``'s id in the Q-Former vocabulary: bert-base-uncased has 30522 tokens, ``[DEC]`` is appended
+#: (BLIP-2's image-grounded text generation starts from it).
+BERT_DEC_TOKEN_ID = 30522
+
 
 @dataclass
 class QFormerConfig:

@@ -3,6 +3,11 @@
 ibkit's EVA-ViT and Q-Former use transformers' parameter names, so the mapping is a handful of
 prefix renames plus the qkv bias (transformers stores ``cat(q_bias, k_bias, v_bias)``; EVA has no k
 bias) and ``ln_vision`` (transformers calls it ``vision_model.post_layernorm``).
+
+:class:`ibkit.models.instructblip.InstructBLIP` reads and writes this format through its
+``from_pretrained`` / ``save_pretrained``, which call the functions here; so this module never imports
+the model class: the loader is handed the class to build (``load_pretrained(cls, path)``) and the other
+functions work on the model's attributes.
 """
 
 from __future__ import annotations
@@ -12,15 +17,19 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from ibkit.models.instructblip import InstructBLIP
 from ibkit.models.language import LanguageModel, resolve_dtype
+from ibkit.models.lora import has_lora, merged_copy
 from ibkit.models.qformer import QFormerConfig
 from ibkit.models.vision.eva_vit import EVAViT, EVAViTConfig
+
+#: the model class a folder is loaded into (InstructBLIP or a subclass)
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +55,8 @@ def qformer_config_from_hf(cfg: dict[str, Any], instruction_aware: bool = True) 
     return QFormerConfig(**values)
 
 
-def hf_config_dict(model: InstructBLIP, image_token_index: int | None = None) -> dict[str, Any]:
-    """The transformers ``config.json`` content describing ``model``."""
+def hf_config_dict(model: nn.Module, image_token_index: int | None = None) -> dict[str, Any]:
+    """The transformers ``config.json`` content describing ``model`` (an InstructBLIP)."""
     if not isinstance(model.vision_encoder, EVAViT):
         raise NotImplementedError(
             f"the transformers InstructBlip layout holds an EVA-ViT encoder, not {type(model.vision_encoder).__name__}"
@@ -101,7 +110,8 @@ def hf_to_ibkit_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def ibkit_to_hf_state(model: InstructBLIP) -> dict[str, torch.Tensor]:
+def ibkit_to_hf_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """An InstructBLIP's tensors under transformers' names (the LLM's from its base model, without adapters)."""
     out: dict[str, torch.Tensor] = {}
     lm_state = model.language_model.base_model.state_dict()
     for key, value in model.state_dict().items():
@@ -176,9 +186,14 @@ _QFORMER_TEXT_ONLY = re.compile(
 
 
 def load_pretrained(
-    path: str | Path, dtype: str | None = None, strict: bool = True, instruction_aware: bool | None = None
-) -> InstructBLIP:
-    """Load a transformers/ibkit InstructBLIP directory.
+    cls: type[ModelT],
+    path: str | Path,
+    dtype: str | None = None,
+    strict: bool = True,
+    instruction_aware: bool | None = None,
+) -> ModelT:
+    """Load a transformers/ibkit InstructBLIP directory into a new ``cls`` (``InstructBLIP.from_pretrained``
+    passes its class, so this module does not import it).
 
     ``instruction_aware`` overrides the saved Q-Former mode, e.g. to run the BLIP-2 ablation from an
     InstructBLIP checkpoint: False drops the Q-Former's text-only weights (word/position embeddings and
@@ -200,7 +215,7 @@ def load_pretrained(
     qformer_cfg = qformer_config_from_hf(cfg.get("qformer_config", {}), mode)
     text_cfg = dict(cfg["text_config"])
     text_cfg.setdefault("model_type", "t5" if not cfg.get("use_decoder_only_language_model", False) else "llama")
-    model = InstructBLIP(
+    model = cls(
         vision_encoder=EVAViT(vision_cfg),
         language_model=LanguageModel(config=text_cfg),
         qformer=qformer_cfg,
@@ -229,7 +244,7 @@ def load_pretrained(
     return model.eval()  # as transformers returns it: no dropout until a trainer calls train()
 
 
-def _tied_names(model: InstructBLIP) -> set[str]:
+def _tied_names(model: nn.Module) -> set[str]:
     """Parameter names that transformers ties to another (e.g. lm_head <-> input embeddings)."""
     seen: dict[int, str] = {}
     tied = set()
@@ -241,11 +256,10 @@ def _tied_names(model: InstructBLIP) -> set[str]:
     return tied
 
 
-def save_pretrained(model: InstructBLIP, path: str | Path, processor: Any = None, merge_lora: bool = True) -> Path:
+def save_pretrained(model: nn.Module, path: str | Path, processor: Any = None, merge_lora: bool = True) -> Path:
+    """Write ``model`` (an InstructBLIP) as a transformers InstructBlip folder; adapters are folded into a copy."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    from ibkit.models.lora import has_lora, merged_copy
-
     if model.language_model.lora is not None or has_lora(model.qformer):
         if not merge_lora:
             raise ValueError("the transformers layout has no LoRA adapters: save with merge_lora=True")

@@ -143,10 +143,8 @@ class InstructBLIPModule(LightningModule):
     def configure_model(self) -> None:
         """Load ``pretrained`` (once), then apply dtype/LoRA/init settings; runs before checkpoint restore."""
         if self.model is None:
-            from ibkit.models.transformers_io import load_pretrained
-
             log.info("loading %s", self.pretrained)
-            model = load_pretrained(self.pretrained, dtype=self.llm_dtype, instruction_aware=self.qformer_instruction_aware)
+            model = InstructBLIP.from_pretrained(self.pretrained, dtype=self.llm_dtype, instruction_aware=self.qformer_instruction_aware)
             model.train(self.training)  # loaded in eval mode; Lightning keeps whatever mode it finds
             if self.lora is not None:
                 model.language_model.apply_lora(self.lora)
