@@ -120,14 +120,16 @@ def tiny_llm_tokenizer(kind: str):
     )
 
 
-def tiny_qformer_tokenizer():
-    """A word-level tokenizer laid out like bert-base-uncased ([PAD] 0, [UNK], [CLS], [SEP]) over ``w4 .. w97``:
-    ids that fit the tiny Q-Former's 100-word vocabulary (with ``[DEC]`` added)."""
+def tiny_qformer_tokenizer(extra_words: int = 0):
+    """A word-level tokenizer laid out like bert-base-uncased ([PAD] 0, [UNK], [CLS], [SEP]) over ``w4 .. w97``
+    (and ``extra_words`` more): ids that fit the tiny Q-Former's 100-word vocabulary. ``extra_words=1`` makes
+    it 99 tokens, 100 with the ``[DEC]`` LAVIS adds."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + WORDS)}, unk_token="[UNK]"))
+    words = specials + WORDS + [f"q{i}" for i in range(extra_words)]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
