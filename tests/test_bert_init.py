@@ -174,3 +174,76 @@ def test_real_minilm_initialises_a_qformer_that_reproduces_it():
         expected = bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         got = _text_path(qformer, enc["input_ids"], enc["attention_mask"])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+# -- recipes: init_from must cover the Q-Former (issue 18) -------------------------------------------------
+def _tiny_instructblip(instruction_aware: bool = True, seed: int = 0):
+    """A tiny InstructBLIP whose Q-Former has the tiny BERT's shape."""
+    from tiny_models import NUM_QUERIES, T5_TEXT, VISION
+
+    from ibkit import InstructBLIP, LanguageModel
+    from ibkit.models import EVAViT, EVAViTConfig
+
+    torch.manual_seed(seed)
+    qformer = QFormerConfig(
+        vocab_size=BERT["vocab_size"] + 1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32, cross_attention_freq=2, instruction_aware=instruction_aware,
+    )
+    vision = EVAViT(EVAViTConfig(**{**VISION, "hidden_size": ENCODER_WIDTH, "num_attention_heads": 2}))
+    return InstructBLIP(vision, LanguageModel(config=T5_TEXT), qformer, num_query_tokens=NUM_QUERIES)
+
+
+def _blip2_stage2_file(path):
+    """What ``blip2_pretrained_flant5xl.pth`` holds: LAVIS names, a Q-Former without its text parts."""
+    blip2 = _tiny_instructblip(instruction_aware=False, seed=7)
+    state = {}
+    for key, value in blip2.state_dict().items():
+        if key.startswith("qformer."):
+            rest = key.removeprefix("qformer.").replace("embeddings.layernorm.", "embeddings.LayerNorm.")
+            rest = rest.replace(".crossattention.attention.", ".crossattention.self.")
+            key = "Qformer.bert." + rest.replace(".attention.attention.", ".attention.self.")
+        elif key.startswith("language_projection."):
+            key = "t5_proj." + key.removeprefix("language_projection.")
+        elif not key.startswith(("query_tokens", "ln_vision.")):
+            continue
+        state[key] = value.clone()
+    torch.save({"model": state}, path)
+    return blip2
+
+
+def test_a_recipe_that_leaves_the_text_path_random_fails_at_start(bert_dir, tmp_path):
+    from ibkit.training.module import InstructBLIPModule
+
+    blip2_file = tmp_path / "blip2_pretrained_flant5xl.pth"
+    blip2 = _blip2_stage2_file(blip2_file)
+    with pytest.raises(ValueError, match="allow_uninitialized") as info:
+        InstructBLIPModule(model=_tiny_instructblip(), init_from=[str(blip2_file)])
+    message = str(info.value)
+    assert str(blip2_file) in message
+    for name in ("qformer.embeddings.word_embeddings.weight", "qformer.embeddings.position_embeddings.weight",
+                 "qformer.encoder.layer.*.intermediate.dense.weight (x2)", "qformer.encoder.layer.*.output.dense.bias"):
+        assert name in message
+    assert "intermediate_query" not in message and "crossattention" not in message  # the BLIP-2 file has them
+
+    # BERT first, then the BLIP-2 file over it (LAVIS's order): every tensor has a source
+    bert = _tiny_bert()
+    module = InstructBLIPModule(model=_tiny_instructblip(), init_from=[str(bert_dir), str(blip2_file)],
+                                fold_bert_token_type=False)
+    q = module.model.qformer
+    assert torch.equal(q.embeddings.word_embeddings.weight[: BERT["vocab_size"]], bert.embeddings.word_embeddings.weight)
+    assert torch.equal(q.embeddings.position_embeddings.weight, bert.embeddings.position_embeddings.weight[:32])
+    assert torch.equal(q.encoder.layer[1].output.dense.weight, bert.encoder.layer[1].output.dense.weight)
+    assert torch.equal(q.encoder.layer[1].output_query.dense.weight, blip2.qformer.encoder.layer[1].output_query.dense.weight)
+    assert torch.equal(q.encoder.layer[0].crossattention.attention.key.weight,
+                       blip2.qformer.encoder.layer[0].crossattention.attention.key.weight)
+    assert torch.equal(q.embeddings.layernorm.weight, blip2.qformer.embeddings.layernorm.weight)
+
+    # the explicit opt-in: everything, or the named tensors only
+    InstructBLIPModule(model=_tiny_instructblip(), init_from=[str(blip2_file)], allow_uninitialized=True)
+    with pytest.raises(ValueError, match="intermediate.dense") as info:
+        InstructBLIPModule(model=_tiny_instructblip(), init_from=[str(blip2_file)],
+                           allow_uninitialized=["qformer.embeddings.*"])
+    assert "word_embeddings" not in str(info.value)
+    InstructBLIPModule(model=_tiny_instructblip(), init_from=[str(blip2_file)],
+                       allow_uninitialized=["qformer.embeddings.*", "qformer.encoder.layer.*.intermediate.*",
+                                            "qformer.encoder.layer.*.output.*"])

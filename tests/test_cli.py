@@ -109,6 +109,15 @@ def test_export_writes_a_transformers_folder(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     torch.testing.assert_close(hf.query_tokens, trained["model.query_tokens"])
     assert (out / "qformer_tokenizer").is_dir() and (out / "preprocessor_config.json").is_file()
+    # transformers runs the folder as its users do (InstructBlipProcessor, forward, greedy generate)
+    from tiny_models import assert_folder_runs_in_transformers
+    from transformers import AutoTokenizer
+
+    llm_words = AutoTokenizer.from_pretrained(out).get_vocab()
+    qformer_words = AutoTokenizer.from_pretrained(out / "qformer_tokenizer").get_vocab()
+    words = sorted(w for w in llm_words if w.isalpha() and w in qformer_words)[:8]
+    assert len(words) == 8, words
+    assert_folder_runs_in_transformers(out, ours.eval(), [" ".join(words[:4]), " ".join(words[4:])])
 
     # a checkpoint of another configuration is refused, naming the weight
     with pytest.raises(ValueError, match="query_tokens: \\(1, 4, 32\\) in the checkpoint"):

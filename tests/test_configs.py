@@ -131,8 +131,29 @@ def test_experiments_build_on_the_meta_device(experiment, tmp_path):
     assert net.vision_encoder.width == 1408 and net.vision_encoder.config.num_hidden_layers == 39
     assert config.model.optim.lr == 1e-5 and config.model.optim.warmup_steps == 1000
     assert config.data.init_args.mixing == "sqrt"
-    paper_batch = 192 if ("flant5xl" in experiment.name or "vicuna7b" in experiment.name) else 128
-    assert config.data.init_args.batch_size * 16 == paper_batch  # x16 accumulation in the 1-GPU preset
+    # LAVIS builds the Q-Former from BERT, then loads the BLIP-2 file over it (issue 18)
+    init_from = config.model.init_from
+    assert init_from[0] == "checkpoints/bert-base-uncased" and init_from[-1].startswith("checkpoints/lavis/blip2_pretrained")
+    assert config.model.fold_bert_token_type is False and config.model.allow_uninitialized is False
+
+
+# The paper's global batch (Dai et al., 2023, Sec. 2.4): 192 / 128 / 64 / 64.
+PAPER_GLOBAL_BATCH = {
+    "instructblip_flant5xl.yaml": 192, "instructblip_vicuna7b.yaml": 128,
+    "instructblip_flant5xxl.yaml": 64, "instructblip_vicuna13b.yaml": 64,
+}
+
+
+@pytest.mark.parametrize("trainer", TRAINERS, ids=_rel)
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=_rel)
+def test_every_preset_gives_the_papers_global_batch(experiment, trainer):
+    """batch_size x devices x nodes x accumulation, as the app parses the stacked configs."""
+    _, config = parse_config(["fit", "--config", str(trainer), "--config", str(experiment)])
+    t = config.trainer
+    world = t.devices * t.num_nodes
+    assert config.data.init_args.batch_size * world * t.accumulate_grad_batches == PAPER_GLOBAL_BATCH[experiment.name]
+    # validation every 3,000 optimizer steps: Lightning counts batches
+    assert t.val_check_interval == 3000 * t.accumulate_grad_batches
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)

@@ -19,8 +19,11 @@ from tiny_models import (
     QFORMER,
     T5_TEXT,
     VISION,
+    assert_folder_runs_in_transformers,
     hf_inputs,
     minilm_dir,
+    tiny_llm_tokenizer,
+    tiny_qformer_tokenizer,
 )
 
 from ibkit import InstructBLIP, LanguageModel
@@ -336,8 +339,38 @@ def test_cli_converts_to_a_transformers_directory(flant5_files, tmp_path):
     hf, info = InstructBlipForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert hf.config.text_config.dense_act_fn == "gelu"
+    # no tokenizer given: the image placeholder is a new row after the vocabulary (transformers needs one)
+    vocab = T5_TEXT["vocab_size"]
+    assert hf.config.image_token_index == vocab and hf.config.text_config.vocab_size == vocab + 1
     again = InstructBLIP.from_pretrained(out).eval()
-    torch.testing.assert_close(_logits(again), _logits(source), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(again)[..., :vocab], _logits(source), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["flant5", "vicuna"])
+def test_converted_folder_runs_in_transformers(variant, tmp_path):
+    """`ibkit convert lavis` with the tokenizers -> InstructBlipProcessor + InstructBlipForConditionalGeneration
+    run it (forward, greedy generate) as ibkit runs the LAVIS model; Vicuna's LLM grows by [PAD] and <image>."""
+    llm_dir = tmp_path / "llm"
+    _hf_llm(variant, llm_dir)
+    (tiny_llm_tokenizer("t5") if variant == "flant5" else _vicuna_tokenizer()).save_pretrained(llm_dir)
+    tiny_qformer_tokenizer(extra_words=1).save_pretrained(tmp_path / "bert")
+    source = _source_model(variant, llm_dir)
+    ckpt, vit_file = _write(tmp_path, variant, *to_lavis(source, variant))
+    qcfg, vcfg, out = tmp_path / "qformer.json", tmp_path / "vision.json", tmp_path / "converted"
+    qcfg.write_text(json.dumps(QCFG.__dict__))
+    vcfg.write_text(json.dumps(VCFG.__dict__))
+    assert main([
+        "convert", "lavis", "--checkpoint", str(ckpt), "--vit_checkpoint", str(vit_file), "--llm", str(llm_dir),
+        "--output", str(out), "--qformer_config", str(qcfg), "--vision_config", str(vcfg),
+        "--qformer_tokenizer", str(tmp_path / "bert"),
+    ]) == 0
+    config = json.loads((out / "config.json").read_text())
+    vocab = T5_TEXT["vocab_size"] if variant == "flant5" else LLAMA_TEXT["vocab_size"] + 2  # + [PAD] + <image>
+    assert config["text_config"]["vocab_size"] == vocab and config["num_query_tokens"] == NUM_QUERIES
+    converted = InstructBLIP.from_pretrained(out)
+    real = LLAMA_TEXT["vocab_size"]  # the LAVIS [PAD] row is random in LAVIS too
+    torch.testing.assert_close(_logits(converted)[..., :real], _logits(source)[..., :real], atol=1e-5, rtol=1e-5)
+    assert_folder_runs_in_transformers(out, converted, ["w5 w6 w7 w8", "w9 w10 w11 w12"])
 
 
 def test_lavis_files_load_through_convert_not_from_pretrained(lavis_files):

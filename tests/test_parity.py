@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from tiny_models import (
@@ -9,8 +12,13 @@ from tiny_models import (
     LLAMA_TEXT,
     NUM_QUERIES,
     T5_TEXT,
+    VISION,
+    VOCAB,
+    assert_folder_runs_in_transformers,
     hf_inputs,
     save_hf_instructblip,
+    tiny_llm_tokenizer,
+    tiny_qformer_tokenizer,
     with_placeholders,
 )
 
@@ -95,3 +103,60 @@ def test_export_round_trip_loads_in_transformers(pair, tmp_path):
     reloaded = InstructBLIP.from_pretrained(tmp_path / "export")
     for (name, a), b in zip(ours.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+PROMPTS = ["w5 w6 w7 w8", "w9 w10 w11 w12"]
+
+
+def _processor(kind: str):
+    from ibkit.processor import Processor
+
+    return Processor(tiny_qformer_tokenizer(), tiny_llm_tokenizer(kind), image_size=VISION["image_size"])
+
+
+def test_export_with_tokenizers_runs_in_transformers(pair, tmp_path):
+    """The folder runs in transformers as its users run it: InstructBlipProcessor + forward + greedy generate."""
+    kind, _, ours, _ = pair
+    ours.save_pretrained(tmp_path / "export", processor=_processor(kind))
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["image_token_index"] == IMAGE_TOKEN and config["num_query_tokens"] == NUM_QUERIES
+    assert json.loads((tmp_path / "export" / "processor_config.json").read_text())["num_query_tokens"] == NUM_QUERIES
+    assert_folder_runs_in_transformers(tmp_path / "export", ours, PROMPTS)
+
+
+def test_a_model_without_image_token_exports_one(pair, tmp_path):
+    """A folder with ``image_token_index: null`` (what ibkit wrote before issue 18, and what a LAVIS conversion
+    gives) loads; exporting it writes a placeholder id transformers can run, growing the LLM vocabulary when
+    the id is new."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    kind, _, _, directory = pair
+    old = tmp_path / "old"
+    shutil.copytree(directory, old)
+    config = json.loads((old / "config.json").read_text())
+    config["image_token_index"] = None
+    (old / "config.json").write_text(json.dumps(config))
+    model = InstructBLIP.from_pretrained(old)
+    assert model.image_token_index is None
+
+    # no tokenizer: a new row after the vocabulary
+    model.save_pretrained(tmp_path / "bare")
+    saved = json.loads((tmp_path / "bare" / "config.json").read_text())
+    assert saved["image_token_index"] == VOCAB and saved["text_config"]["vocab_size"] == VOCAB + 1
+    hf = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "bare").eval()
+    x = hf_inputs()
+    ids = torch.cat((torch.full((2, NUM_QUERIES), VOCAB), x["input_ids"]), 1)
+    mask = torch.cat((torch.ones(2, NUM_QUERIES, dtype=torch.long), x["attention_mask"]), 1)
+    common = {k: x[k] for k in ("pixel_values", "qformer_input_ids", "qformer_attention_mask")}
+    kwargs = dict(max_new_tokens=5, num_beams=1, do_sample=False)
+    ref = hf.generate(**common, input_ids=ids, attention_mask=mask, **kwargs)
+    ref = ref[:, 1:] if kind == "t5" else ref[:, ids.shape[1]:]
+    assert ref.tolist() == model.generate(**x, **kwargs).tolist()
+    assert InstructBLIP.from_pretrained(tmp_path / "bare").image_token_index == VOCAB
+
+    # with the tokenizers: <image> is added to the saved LLM tokenizer, the caller's tokenizer is left alone
+    processor = _processor(kind)
+    model.save_pretrained(tmp_path / "full", processor=processor)
+    assert "<image>" not in processor.llm_tokenizer.get_vocab()
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["image_token_index"] == len(processor.llm_tokenizer)
+    assert_folder_runs_in_transformers(tmp_path / "full", model, PROMPTS)

@@ -118,3 +118,72 @@ def tiny_llm_tokenizer(kind: str):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token=unk
     )
+
+
+def tiny_qformer_tokenizer(extra_words: int = 0):
+    """A word-level tokenizer laid out like bert-base-uncased ([PAD] 0, [UNK], [CLS], [SEP]) over ``w4 .. w97``
+    (and ``extra_words`` more): ids that fit the tiny Q-Former's 100-word vocabulary. ``extra_words=1`` makes
+    it 99 tokens, 100 with the ``[DEC]`` LAVIS adds."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    words = specials + WORDS + [f"q{i}" for i in range(extra_words)]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+def assert_folder_runs_in_transformers(folder: Path, ours, prompts: list[str], max_new_tokens: int = 5):
+    """Load an exported folder with transformers' InstructBlipForConditionalGeneration and InstructBlipProcessor,
+    run a forward pass and a greedy ``generate`` on random images, and check both against ``ours`` (the ibkit
+    model) on the same inputs: the placeholder ids the processor writes are the ones the model scatters into."""
+    import numpy as np
+    from PIL import Image
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from ibkit.processor import Processor
+
+    hf, info = InstructBlipForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    hf = hf.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    processor = InstructBlipProcessor.from_pretrained(folder)
+    token = hf.config.image_token_index
+    assert token is not None and processor.tokenizer.convert_tokens_to_ids("<image>") == token
+    assert token < hf.get_input_embeddings().weight.shape[0]
+    size = hf.config.vision_config.image_size
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in prompts]
+    inputs = processor(images=images, text=prompts, return_tensors="pt")
+    queries = hf.config.num_query_tokens
+    assert (inputs["input_ids"][:, :queries] == token).all() and (inputs["input_ids"][:, queries:] != token).all()
+    prompt_ids = inputs["input_ids"][:, queries:]
+    ibkit_text = Processor.from_pretrained(folder)(text=prompts)  # ibkit reads the same folder alike
+    assert torch.equal(ibkit_text["input_ids"], prompt_ids)
+    assert torch.equal(ibkit_text["qformer_input_ids"], inputs["qformer_input_ids"])
+    ours_inputs = dict(
+        pixel_values=inputs["pixel_values"], qformer_input_ids=inputs["qformer_input_ids"],
+        qformer_attention_mask=inputs["qformer_attention_mask"], input_ids=prompt_ids,
+        attention_mask=inputs["attention_mask"][:, queries:],
+    )
+    with torch.no_grad():
+        if hf.config.use_decoder_only_language_model:
+            ref = hf(**inputs).logits[:, queries:]
+            got = ours(**ours_inputs).logits
+        else:
+            labels = torch.randint(4, 60, (len(prompts), 3), generator=torch.Generator().manual_seed(0))
+            ref = hf(**inputs, labels=labels).logits
+            got = ours(**ours_inputs, labels=labels).logits
+        vocab = got.shape[-1]  # the image token's new row (if the export added one) is not ibkit's
+        torch.testing.assert_close(ref[..., :vocab], got, atol=1e-4, rtol=1e-4)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        generated = hf.generate(**inputs, **kwargs)
+        mine = ours.generate(**ours_inputs, **kwargs)
+    generated = generated[:, inputs["input_ids"].shape[1]:] if hf.config.use_decoder_only_language_model else generated[:, 1:]
+    assert generated.shape[1] > 0
+    assert generated.tolist() == mine.tolist()
+    return hf, processor

@@ -93,11 +93,18 @@ class Processor:
         return out
 
     # -- persistence: the transformers InstructBlipProcessor layout ---------------------------------------
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, llm_tokenizer: Any = None, num_query_tokens: int | None = None) -> None:
+        """The InstructBlipProcessor layout. ``llm_tokenizer``: saved instead of this processor's (the model's
+        export passes one with the image placeholder token); ``num_query_tokens``: how many placeholders
+        transformers' processor puts in front of a prompt (written to ``processor_config.json``)."""
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
-        self.llm_tokenizer.save_pretrained(directory)
+        (llm_tokenizer or self.llm_tokenizer).save_pretrained(directory)
         self.qformer_tokenizer.save_pretrained(directory / QFORMER_TOKENIZER_DIR)
+        if num_query_tokens is not None:
+            (directory / "processor_config.json").write_text(json.dumps(
+                {"processor_class": "InstructBlipProcessor", "num_query_tokens": int(num_query_tokens)}, indent=2
+            ))
         (directory / "preprocessor_config.json").write_text(
             json.dumps(
                 {

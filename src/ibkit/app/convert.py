@@ -26,6 +26,10 @@ def convert_lavis(
 ) -> int:
     """Convert a LAVIS InstructBLIP checkpoint to a transformers InstructBlip directory.
 
+    The folder runs in transformers' InstructBlipForConditionalGeneration: its config names an image
+    placeholder token (``<image>``, added to the saved LLM tokenizer; without tokenizers, a new row after
+    the LLM vocabulary), the LLM embeddings grown to hold it, as transformers' own LAVIS conversion does.
+
     Args:
         checkpoint: instruct_blip_*_trimmed.pth.
         llm: transformers directory of FlanT5-XL/XXL or Vicuna-7B/13B v1.1.

@@ -8,8 +8,10 @@ these are foreign formats; the training module only names the files.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -20,22 +22,27 @@ from ibkit.models.state import clean_name, persistent_keys
 log = logging.getLogger(__name__)
 
 
-def load_initial_weights(model: InstructBLIP, path: str | Path) -> dict[str, list[str]]:
+def load_initial_weights(model: InstructBLIP, path: str | Path, fold_token_type: bool = True) -> dict[str, list[str]]:
     """Copy weights into ``model`` from a transformers/ibkit directory, an ibkit ``.safetensors`` file,
     an ibkit training ``.ckpt``, a LAVIS ``.pth`` (EVA ViT, BLIP-2 or InstructBLIP) or a BERT folder
-    (the Q-Former starts from BERT, as in BLIP-2 pre-training).
+    (the Q-Former starts from BERT, as in BLIP-2 pre-training and LAVIS's InstructBLIP;
+    ``fold_token_type``: see :mod:`ibkit.convert.bert_init`, False is LAVIS's).
 
     Keys the file does not have keep their current values (the frozen LLM usually comes from its own
-    folder); a key with another shape is an error. Returns ``{"loaded", "missing", "unexpected"}``.
+    folder); a key with another shape is an error. Returns ``{"loaded", "missing", "unexpected",
+    "initialised"}``: "initialised" are the tensors BERT initialisation draws afresh on purpose
+    (cross-attention, as LAVIS does).
     """
     path = Path(path)
     if path.is_dir() and model_type(path) == "bert":
         from ibkit.convert.bert_init import init_qformer_from_bert
 
-        report = init_qformer_from_bert(model.qformer, path)
+        report = init_qformer_from_bert(model.qformer, path, fold_token_type=fold_token_type)
         log.info("init_from %s: Q-Former from BERT (%d tensors copied, %d initialised)",
                  path, len(report.copied), len(report.initialised))
-        return {"loaded": ["qformer." + k for k in report.copied], "missing": [], "unexpected": report.unused}
+        fresh = ["qformer." + k for k in report.initialised if "[" not in k]  # not "word_embeddings.weight[30522:]"
+        return {"loaded": ["qformer." + k for k in report.copied], "missing": [], "unexpected": report.unused,
+                "initialised": fresh}
     if path.is_dir():
         from ibkit.models.transformers_io import hf_to_ibkit_state, read_weights
 
@@ -72,7 +79,50 @@ def load_initial_weights(model: InstructBLIP, path: str | Path) -> dict[str, lis
              path, len(loaded), len(missing), len(trainable_missing), len(unexpected))
     if trainable_missing:
         log.warning("init_from %s: trainable weights left at their initial values: %s", path, trainable_missing[:10])
-    return {"loaded": loaded, "missing": missing, "unexpected": unexpected}
+    return {"loaded": loaded, "missing": missing, "unexpected": unexpected, "initialised": []}
+
+
+def uninitialised_qformer_tensors(model: InstructBLIP, covered: set[str], allow: bool | list[str] = False) -> list[str]:
+    """The Q-Former's parameters that no ``init_from`` file set (``covered``: every "loaded" and
+    "initialised" name), less those ``allow`` permits (True: all; a list: fnmatch patterns such as
+    ``qformer.embeddings.*``)."""
+    if allow is True:
+        return []
+    patterns = list(allow or [])
+    names = ["qformer." + clean_name(n) for n, _ in model.qformer.named_parameters()]
+    return [n for n in names if n not in covered and not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def check_qformer_initialised(
+    model: InstructBLIP, covered: set[str], sources: list[str], allow: bool | list[str] = False
+) -> None:
+    """Refuse a start that leaves Q-Former tensors at their random construction values.
+
+    LAVIS builds the Q-Former from bert-base-uncased and loads the BLIP-2 file over it; a BLIP-2 stage-2
+    file alone has no word/position embeddings and no text feed-forward layers, so the instruction path
+    would train from N(0, 0.02). ``allow`` opts in (True, or fnmatch patterns of tensor names).
+    """
+    left = uninitialised_qformer_tensors(model, covered, allow)
+    if not left:
+        return
+    raise ValueError(
+        f"init_from {sources} leaves {len(left)} Q-Former tensors at random initial values: "
+        f"{summarise_names(left)}. Put the Q-Former's BERT folder (checkpoints/bert-base-uncased) or BLIP-2's "
+        "first-stage blip2_pretrained.pth first in init_from (LAVIS builds the Q-Former from BERT, then loads the "
+        "BLIP-2 file over it), or opt in with allow_uninitialized: true (or a list of name patterns, e.g. "
+        "['qformer.embeddings.*'])"
+    )
+
+
+def summarise_names(names: list[str], limit: int = 12) -> str:
+    """Names with layer indices collapsed (``qformer.encoder.layer.*.output.dense.weight (x12)``)."""
+    groups: dict[str, int] = {}
+    for name in names:
+        pattern = re.sub(r"\.\d+\.", ".*.", name)
+        groups[pattern] = groups.get(pattern, 0) + 1
+    items = [f"{k} (x{n})" if n > 1 else k for k, n in groups.items()]
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def model_type(directory: Path) -> str | None:

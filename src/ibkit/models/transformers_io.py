@@ -256,22 +256,83 @@ def _tied_names(model: nn.Module) -> set[str]:
     return tied
 
 
+# -- the image placeholder token ---------------------------------------------------------------------
+#: the placeholder transformers' InstructBlipProcessor puts ``num_query_tokens`` times in front of the prompt
+IMAGE_TOKEN = "<image>"
+
+
+def export_image_token(model: nn.Module, llm_tokenizer: Any = None) -> tuple[int, Any]:
+    """(``image_token_index``, the LLM tokenizer to save) for a transformers folder.
+
+    ibkit prepends the visual vectors itself; transformers' InstructBlip scatters them into placeholder
+    positions and fails without a placeholder id. The id is ``<image>``'s in the tokenizer, added to a
+    copy of it when missing (the caller's tokenizer is left as it is), as transformers' own LAVIS
+    conversion does; without a tokenizer, the model's saved index, else a new row after the vocabulary.
+    """
+    saved = getattr(model, "image_token_index", None)
+    if llm_tokenizer is None:
+        if saved is not None:
+            return int(saved), None
+        return model.language_model.base_model.get_input_embeddings().weight.shape[0], None
+    tokenizer = llm_tokenizer
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        import copy
+
+        from transformers import AddedToken
+
+        tokenizer = copy.deepcopy(llm_tokenizer)
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    index = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    if saved is not None and int(saved) != index:
+        raise ValueError(f"the model's image_token_index is {saved}, but the LLM tokenizer numbers {IMAGE_TOKEN} "
+                         f"{index}: save with the tokenizer the model was loaded with")
+    return index, tokenizer
+
+
+def _grow_vocabulary(model: nn.Module, state: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """``state`` with the LLM's input and output embeddings grown to ``rows`` rows (the mean row appended,
+    as transformers' ``resize_token_embeddings``); tensors that share storage stay shared."""
+    base = model.language_model.base_model
+    embeddings = {id(m.weight) for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None}
+    pointers = {p.data_ptr() for n, p in base.named_parameters(remove_duplicate=False) if id(p) in embeddings}
+    grown: dict[int, torch.Tensor] = {}
+    out = dict(state)
+    for key, value in state.items():
+        if not key.startswith("language_model.") or value.dim() != 2 or value.data_ptr() not in pointers:
+            continue
+        if value.data_ptr() not in grown:
+            extra = value.float().mean(0, keepdim=True).to(value.dtype).expand(rows - value.shape[0], -1)
+            grown[value.data_ptr()] = torch.cat((value.detach(), extra))
+        out[key] = grown[value.data_ptr()]
+    return out
+
+
 def save_pretrained(model: nn.Module, path: str | Path, processor: Any = None, merge_lora: bool = True) -> Path:
-    """Write ``model`` (an InstructBLIP) as a transformers InstructBlip folder; adapters are folded into a copy."""
+    """Write ``model`` (and ``processor``'s tokenizers) as a folder transformers' InstructBlip runs: an image
+    placeholder token in the config and the saved LLM tokenizer, the LLM embeddings grown to hold it."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     if model.language_model.lora is not None or has_lora(model.qformer):
         if not merge_lora:
             raise ValueError("the transformers layout has no LoRA adapters: save with merge_lora=True")
         model = merged_copy(model)  # the user's model keeps its adapters
-    config = hf_config_dict(model, getattr(model, "image_token_index", None))
+    index, llm_tokenizer = export_image_token(model, getattr(processor, "llm_tokenizer", None))
+    config = hf_config_dict(model, index)
     if model.ln_vision.eps != model.vision_encoder.config.layer_norm_eps:
         log.info("ln_vision eps %s differs from the encoder's; transformers uses the encoder's", model.ln_vision.eps)
-    state = _dedupe_shared({k: v.detach().cpu() for k, v in ibkit_to_hf_state(model).items()})
+    state = ibkit_to_hf_state(model)
+    rows = model.language_model.base_model.get_input_embeddings().weight.shape[0]
+    if index >= rows:
+        log.info("%s: LLM vocabulary %d -> %d for the image token %s (id %d)", directory, rows, index + 1, IMAGE_TOKEN, index)
+        state = _grow_vocabulary(model, state, index + 1)
+        config["text_config"]["vocab_size"] = index + 1
+    if processor is None:
+        log.info("%s: no tokenizer saved; transformers' image placeholder id is %d", directory, index)
+    state = _dedupe_shared({k: v.detach().cpu() for k, v in state.items()})
     tmp = directory / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if processor is not None:
-        processor.save_pretrained(directory)
+        processor.save_pretrained(directory, llm_tokenizer=llm_tokenizer, num_query_tokens=model.num_query_tokens)
     return directory

@@ -49,12 +49,13 @@ LLM_ARCHITECTURES: dict[str, dict[str, Any]] = {
     ),
 }
 
-# The paper's runs: global batch 192 (FlanT5-XL, Vicuna-7B) or 128 (FlanT5-XXL, Vicuna-13B) on 16 A100s.
+# The paper's runs: global batch 192 / 128 / 64 / 64 (FlanT5-XL / Vicuna-7B / FlanT5-XXL / Vicuna-13B) on
+# 16 A100s; the per-GPU batch of the experiment configs (x 16 GPUs, or 8 GPUs x 2 accumulation steps).
 PAPER_MODELS: dict[str, tuple[str, int]] = {
     "InstructBLIP FlanT5-XL": ("flan-t5-xl", 12),
-    "InstructBLIP FlanT5-XXL": ("flan-t5-xxl", 8),
-    "InstructBLIP Vicuna-7B": ("vicuna-7b-v1.1", 12),
-    "InstructBLIP Vicuna-13B": ("vicuna-13b-v1.1", 8),
+    "InstructBLIP FlanT5-XXL": ("flan-t5-xxl", 4),
+    "InstructBLIP Vicuna-7B": ("vicuna-7b-v1.1", 8),
+    "InstructBLIP Vicuna-13B": ("vicuna-13b-v1.1", 4),
 }
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 
-from ibkit.convert.weights import load_initial_weights
+from ibkit.convert.weights import check_qformer_initialised, load_initial_weights
 from ibkit.data.collate import IGNORE_INDEX, is_empty, model_inputs
 from ibkit.eval.evaluator import Evaluator, predict_records
 from ibkit.models.instructblip import InstructBLIP
@@ -41,7 +41,14 @@ class InstructBLIPModule(LightningModule):
         model: the network, built from YAML (``class_path: ibkit.InstructBLIP``). Exclusive with ``pretrained``.
         pretrained: a transformers/ibkit InstructBLIP folder, loaded in ``configure_model``.
         init_from: weights copied in after building, in order (LAVIS ``eva_vit_g.pth`` / BLIP-2 or
-            InstructBLIP ``.pth``, a model folder, ``.safetensors``, a ``.ckpt``); missing keys keep their values.
+            InstructBLIP ``.pth``, a BERT folder for the Q-Former, a model folder, ``.safetensors``, a ``.ckpt``);
+            missing keys keep their values. When it names files, every Q-Former tensor must come from one of them
+            (or be drawn afresh by BERT initialisation, as LAVIS's cross-attention): otherwise the start fails,
+            listing the tensors. None: the model trains from its random construction values.
+        allow_uninitialized: opt in to Q-Former tensors that ``init_from`` leaves at random values: True for
+            all, or a list of fnmatch patterns of names (e.g. ``["qformer.embeddings.*"]``).
+        fold_bert_token_type: when ``init_from`` names a BERT folder, add BERT's token-type vector to the
+            position embeddings (BERT's exact text path); False drops it, as LAVIS does (the recipes).
         qformer_instruction_aware: override the Q-Former mode saved in ``pretrained`` (False: BLIP-2's
             Q-Former, for the "no instruction-aware features" ablation from an InstructBLIP checkpoint).
         llm_dtype: dtype of the frozen LLM loaded from ``pretrained`` (e.g. ``bfloat16``).
@@ -80,6 +87,8 @@ class InstructBLIPModule(LightningModule):
         model: InstructBLIP | None = None,
         pretrained: str | None = None,
         init_from: str | list[str] | None = None,
+        allow_uninitialized: bool | list[str] = False,
+        fold_bert_token_type: bool = True,
         qformer_instruction_aware: bool | None = None,
         llm_dtype: str | None = None,
         vision_dtype: str | None = None,
@@ -109,6 +118,8 @@ class InstructBLIPModule(LightningModule):
         self.model = model
         self.pretrained = pretrained
         self.init_from = init_from
+        self.allow_uninitialized = allow_uninitialized
+        self.fold_bert_token_type = fold_bert_token_type
         self.llm_dtype = llm_dtype
         self.vision_dtype = vision_dtype
         self.lora = lora
@@ -190,8 +201,12 @@ class InstructBLIPModule(LightningModule):
             resolve_dtype(self.vision_dtype)
             self.model.vision_encoder.compute_dtype = self.vision_dtype
         sources = [self.init_from] if isinstance(self.init_from, str) else list(self.init_from or [])
+        covered: set[str] = set()
         for source in sources:
-            load_initial_weights(self.model, source)
+            report = load_initial_weights(self.model, source, fold_token_type=self.fold_bert_token_type)
+            covered.update(report["loaded"], report["initialised"])
+        if sources and self.pretrained is None:  # a pretrained folder brought the whole Q-Former
+            check_qformer_initialised(self.model, covered, [str(s) for s in sources], self.allow_uninitialized)
         if self.checkpoint_llm_blocks:
             self.model.language_model.enable_activation_checkpointing()
         if self.vision_words is not None:
