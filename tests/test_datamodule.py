@@ -248,7 +248,7 @@ def test_each_kind_of_bad_input_is_skipped_and_counted(tmp_path, tokenizers):
 def test_bad_input_is_reported_at_epoch_end_through_lightning(tmp_path, tokenizers, caplog):
     from lightning.pytorch import LightningModule, Trainer
 
-    from ibkit.data.datamodule import BadInputReport
+    from ibkit.training.callbacks import BadInputReport
 
     class Evaluator(LightningModule):
         def __init__(self) -> None:

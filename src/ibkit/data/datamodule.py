@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Sampler
 
 from ibkit.data.collate import InstructionCollator
@@ -502,26 +502,3 @@ class _TrainerPositionSampler(MixtureSampler):
         self.position = self.datamodule.consumed_samples()
         return super().__iter__()
 
-
-class BadInputReport(Callback):
-    """Reports skipped bad input at the end of every validation/test epoch (and of finite train epochs).
-
-    Each rank warns with its own per-dataset summary; ``bad_input/total`` is logged summed over ranks.
-    """
-
-    def _report(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        tally = getattr(getattr(trainer, "datamodule", None), "bad_input", None)
-        if tally is None:
-            return
-        if tally.total:
-            log.warning("rank %d: %s", trainer.global_rank, tally.summary())
-        pl_module.log("bad_input/total", float(tally.total), sync_dist=True, reduce_fx="sum")
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._report(trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._report(trainer, pl_module)
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._report(trainer, pl_module)

@@ -5,9 +5,13 @@ They live with training so that data/ stays free of Lightning's Trainer and modu
 
 from __future__ import annotations
 
+import logging
+
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ibkit.data.feature_cache import FeatureCacheError, enable_feature_cache
+
+log = logging.getLogger(__name__)
 
 
 class FeatureCacheCallback(Callback):
@@ -57,3 +61,27 @@ class FeatureCacheCallback(Callback):
             )
         finally:
             encoder.to(original)
+
+
+class BadInputReport(Callback):
+    """Reports skipped bad input at the end of every validation/test epoch (and of finite train epochs).
+
+    Each rank warns with its own per-dataset summary; ``bad_input/total`` is logged summed over ranks.
+    """
+
+    def _report(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        tally = getattr(getattr(trainer, "datamodule", None), "bad_input", None)
+        if tally is None:
+            return
+        if tally.total:
+            log.warning("rank %d: %s", trainer.global_rank, tally.summary())
+        pl_module.log("bad_input/total", float(tally.total), sync_dist=True, reduce_fx="sum")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report(trainer, pl_module)
