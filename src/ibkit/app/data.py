@@ -24,7 +24,9 @@ def data_list(suite: str = "instructblip") -> int:
     return 0
 
 
-def data_check(root: Path, dataset: str | list[str] | None = None, suite: str = "instructblip") -> int:
+def data_check(
+    root: Path, dataset: str | list[str] | None = None, suite: str = "instructblip", custom: Path | None = None
+) -> int:
     """Which datasets/splits are present under a data root.
 
     Exits with 1 when a file is broken or a dataset asked for by name is entirely absent.
@@ -32,13 +34,23 @@ def data_check(root: Path, dataset: str | list[str] | None = None, suite: str = 
     Args:
         root: data root the registry paths are under.
         dataset: check only this dataset (several: --dataset+=a --dataset+=b, or --dataset '[a, b]').
-        suite: instructblip | shapes | all.
+        suite: instructblip | shapes | custom | all.
+        custom: a YAML file declaring custom datasets (a training config with data.init_args.custom_datasets,
+            or their list); without --dataset, those are checked.
     """
     from ibkit.data.catalog import check_root, format_check
 
     if not Path(root).is_dir():
         raise UsageError(f"--root {root} is not a directory")
     names = [dataset] if isinstance(dataset, str) else dataset
+    if custom is not None:
+        from ibkit.data.registry.custom import entries_from_yaml, register_custom
+
+        try:
+            declared = register_custom(entries_from_yaml(custom))
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--custom {custom}: {error}") from error
+        names = names or [entry.name for entry in declared]
     results = check_root(Path(root), names=names, suite=_suite(suite))
     print(format_check(results))
     failed = any(r.status == "error" or (names and r.status == "missing") for r in results)

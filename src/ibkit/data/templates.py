@@ -161,6 +161,7 @@ _VIDEO_QA = (
     'The question "{question}" can be answered by watching the video. The answer is',
     "Considering what happens in the clip, answer: {question}",
 )
+PROMPT_AS_WRITTEN = "[[{context}\n]]{question}"  # earlier turns (if any), then the instruction as written
 _LLAVA = (  # LLaVA instructions are already natural requests: vary only how the history is framed
     "[[{context}\n]]{question}",
     "[[Conversation so far:\n{context}\n]]User: {question}\nAssistant:",
@@ -175,6 +176,7 @@ _LLAVA = (  # LLaVA instructions are already natural requests: vary only how the
 )
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
+    "none": (PROMPT_AS_WRITTEN,),  # no templates: the record's own instruction (custom datasets)
     "caption": _CAPTION,
     "vqa": _VQA,
     "vqg": _VQG,

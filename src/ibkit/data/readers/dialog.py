@@ -7,6 +7,7 @@ Every answered turn becomes one sample whose ``context`` holds the earlier turns
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +100,18 @@ def _llava_image(images_root: Path, image: str) -> str:
     return under(images_root, image) if "/" in image else under(images_root, "train2017", image)
 
 
-def _read_llava(paths: dict[str, Path], split: str, skips: SkipCounter | None, dataset: str) -> list[Sample]:
+def read_llava_file(
+    paths: dict[str, Path],
+    split: str,
+    skips: SkipCounter | None,
+    dataset: str,
+    image_path: Callable[[Path, str], str] = _llava_image,
+) -> list[Sample]:
     """LLaVA ``[{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}]``.
 
     One sample per (human, gpt) pair; ``<image>`` is removed (the visual prompt has its own place) and
-    earlier turns go into ``context`` as ``User: ...`` / ``Assistant: ...`` lines.
+    earlier turns go into ``context`` as ``User: ...`` / ``Assistant: ...`` lines. ``image_path``: the
+    media root and the record's ``image`` -> the file (custom datasets: relative to their image root).
     """
     path = paths[split]
     skips = counter_for(skips, dataset)
@@ -111,7 +119,7 @@ def _read_llava(paths: dict[str, Path], split: str, skips: SkipCounter | None, d
 
     def convert(index: int | str, record: Any) -> list[Sample]:
         record_id = str(expect(record, "id", (str, int)))
-        image = _llava_image(paths["images"], expect_str(record, "image"))
+        image = image_path(paths["images"], expect_str(record, "image"))
         turns = expect(record, "conversations", list)
         if len(turns) < 2 or len(turns) % 2:
             raise BadRecord(f"'conversations' should hold human/gpt pairs, got {len(turns)} turns")
@@ -145,16 +153,16 @@ def read_llava_conversation(
     paths: dict[str, Path], split: str, skips: SkipCounter | None = None
 ) -> list[Sample]:
     """``conversation_58k.json``: multi-turn conversations."""
-    return _read_llava(paths, split, skips, "llava_conversation")
+    return read_llava_file(paths, split, skips, "llava_conversation")
 
 
 def read_llava_detail(paths: dict[str, Path], split: str, skips: SkipCounter | None = None) -> list[Sample]:
     """``detail_23k.json``: one request for a detailed description per image."""
-    return _read_llava(paths, split, skips, "llava_detail")
+    return read_llava_file(paths, split, skips, "llava_detail")
 
 
 def read_llava_reasoning(
     paths: dict[str, Path], split: str, skips: SkipCounter | None = None
 ) -> list[Sample]:
     """``complex_reasoning_77k.json``: one reasoning question per image."""
-    return _read_llava(paths, split, skips, "llava_reasoning")
+    return read_llava_file(paths, split, skips, "llava_reasoning")

@@ -27,11 +27,12 @@ FAMILIES = (
     "visual_conversational_qa",
     "image_classification",
     "llava_visual_instruction",
+    "custom",  # declared in YAML (ibkit.data.registry.custom)
 )
 METRICS = ("cider", "vqa_accuracy", "accuracy", "auc", "mrr", "ivqa_accuracy", "none")
 EVAL_MODES = ("generate", "rank")
 MEDIA_ROLES = ("images", "videos")
-SUITES = ("instructblip", "finetune", "shapes")  # finetune: evaluation variants of the 26 (Table 3)
+SUITES = ("instructblip", "finetune", "shapes", "custom")  # finetune: evaluation variants of the 26 (Table 3)
 
 
 @dataclass(frozen=True)
