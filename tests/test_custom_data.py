@@ -198,6 +198,12 @@ def test_fit_on_custom_data_lowers_the_loss_then_test_scores_it(workspace, tmp_p
     assert set(results) == {"my_items"} and 0.0 <= results["my_items"]["accuracy"] <= 1.0
     predictions = [json.loads(line) for line in (run / "results" / "predictions" / "my_items.jsonl").read_text().splitlines()]
     assert len(predictions) == 6 and all(len(p["scores"]) == 3 for p in predictions)  # 'gone' has no image: skipped
+    # predict on the run's checkpoint alone: its trained weights over the folder it was trained from
+    answers = run / "answers.jsonl"
+    assert main(["predict", f"--model.checkpoint={ckpt}", "--model.device=cpu", f"--questions={workspace / 'items.jsonl'}",
+                 f"--output={answers}", "--num_workers=0", "--progress=false", "--generation={num_beams: 1}"]) == 0
+    ranked = {r["id"]: r for r in map(json.loads, answers.read_text().splitlines())}
+    assert {p["sample_id"]: p["prediction"] for p in predictions} == {i: ranked[i]["answer"] for i in ranked if i != "nolabel"}
 
 
 def test_predict_writes_one_line_per_question_and_resumes_without_duplicates(workspace, tmp_path, capsys):

@@ -27,8 +27,10 @@ COMMANDS: dict[str, Entry] = {
     "test": Lightning("evaluate on the test loaders"),
     # answering questions: typed commands over one Assistant (model + processor + generation settings)
     "predict": Command("ibkit.app.predict:predict", help="answer a file of questions (or a folder of images) -> JSONL, resumable"),
-    "chat": Command("ibkit.app.chat:chat", help="ask a model about images in the terminal (/image PATH, /help)"),
-    "serve": Command("ibkit.app.serve:serve", help="a local web page + JSON API over a model, on 127.0.0.1"),
+    "chat": Command("ibkit.app.chat:chat", help="ask a model about images in the terminal (/image PATH, /help)",
+                    positional=True),
+    "serve": Command("ibkit.app.serve:serve", help="a local web page + JSON API over a model, on 127.0.0.1",
+                     positional=True),
     "data": Group(
         {
             "list": Command(data_list),

@@ -18,6 +18,9 @@ HELP = """commands:
 any other line is a question about the current image"""
 
 
+EMPTY_ANSWER = "(empty answer: the model generated only special tokens)"
+
+
 def format_settings(settings: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in settings.items())
 
@@ -79,7 +82,7 @@ class ChatSession:
             except (TypeError, ValueError) as error:  # a generation setting the model refuses
                 self.say(f"error: {error}")
                 return True
-            self.say(answer)
+            self.say(answer or EMPTY_ANSWER)
         return True
 
     def run(self, lines: Iterable[str], prompt: str = "") -> None:

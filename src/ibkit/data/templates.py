@@ -162,6 +162,7 @@ _VIDEO_QA = (
     "Considering what happens in the clip, answer: {question}",
 )
 PROMPT_AS_WRITTEN = "[[{context}\n]]{question}"  # earlier turns (if any), then the instruction as written
+NO_TEMPLATES = "none"  # a template set name meaning "the record's own instruction" (custom datasets)
 _LLAVA = (  # LLaVA instructions are already natural requests: vary only how the history is framed
     "[[{context}\n]]{question}",
     "[[Conversation so far:\n{context}\n]]User: {question}\nAssistant:",
@@ -176,7 +177,6 @@ _LLAVA = (  # LLaVA instructions are already natural requests: vary only how the
 )
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "none": (PROMPT_AS_WRITTEN,),  # no templates: the record's own instruction (custom datasets)
     "caption": _CAPTION,
     "vqa": _VQA,
     "vqg": _VQG,
@@ -302,9 +302,9 @@ def template_rng(seed: int, *keys: object) -> random.Random:
 
 def fill_instruction(sample: Sample, template_set: str, rng: random.Random) -> Sample:
     """A copy of ``sample`` with ``instruction`` from a template of ``template_set`` and ``target`` filled."""
-    if template_set not in TEMPLATES:
+    if template_set != NO_TEMPLATES and template_set not in TEMPLATES:
         raise KeyError(f"unknown template set {template_set!r}; known sets: {', '.join(sorted(TEMPLATES))}")
-    template = rng.choice(TEMPLATES[template_set])
+    template = rng.choice(TEMPLATES[template_set] if template_set != NO_TEMPLATES else (PROMPT_AS_WRITTEN,))
     instruction = render(template, _SampleFields(sample))
     return replace(
         sample, instruction=instruction, target=choose_target(sample, rng), extra=dict(sample.extra)

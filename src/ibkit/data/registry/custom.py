@@ -25,7 +25,7 @@ from ibkit.data.registry.common import (
     PROMPT_MULTIPLE_CHOICE,
     PROMPT_SHORT_QA,
 )
-from ibkit.data.registry.spec import DatasetSpec
+from ibkit.data.registry.spec import CUSTOM_FAMILY, DatasetSpec
 
 FORMATS = ("llava", "jsonl")
 TASKS = ("generate", "rank")
@@ -112,7 +112,7 @@ class CustomDataset:
     def spec(self) -> DatasetSpec:
         """The registry entry: reader, splits, metric, mode, prompt, templates and generation settings."""
         from ibkit.data.readers.custom import read_custom_jsonl, read_custom_llava
-        from ibkit.data.templates import TEMPLATES
+        from ibkit.data.templates import NO_TEMPLATES, PROMPT_AS_WRITTEN, TEMPLATES
 
         where = f"custom dataset {self.name!r}"
         if self.format not in FORMATS:
@@ -128,7 +128,7 @@ class CustomDataset:
         metric, needs = METRIC_NAMES[metric_name]
         if needs is not None and needs != self.task:
             raise ValueError(f"{where}: metric {metric_name!r} needs task {needs!r}, the task is {self.task!r}")
-        if self.template_set != "none" and self.template_set not in TEMPLATES:
+        if self.template_set != NO_TEMPLATES and self.template_set not in TEMPLATES:
             raise ValueError(
                 f"{where}: unknown template_set {self.template_set!r}; choose none or one of {sorted(TEMPLATES)}"
             )
@@ -148,7 +148,7 @@ class CustomDataset:
         template_set = self.template_set
         return DatasetSpec(
             name=self.name,
-            family="custom",
+            family=CUSTOM_FAMILY,
             held_in=bool(self.held_in),
             files={**files, "images": image_root},
             reader=reader,
@@ -156,7 +156,7 @@ class CustomDataset:
             eval_split=eval_split,
             metric=metric,
             eval_mode=self.task,
-            prompt=self.prompt or _PROMPTS.get(template_set) or TEMPLATES[template_set][0],
+            prompt=self.prompt or _PROMPTS.get(template_set) or (TEMPLATES.get(template_set) or (PROMPT_AS_WRITTEN,))[0],
             templates=template_set,
             generation=generation,
             modality=self.modality,
