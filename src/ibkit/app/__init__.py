@@ -1,10 +1,12 @@
 """The ``ibkit`` command: the application on top of the ibkit library.
 
-:data:`COMMANDS` is the one table of sub-commands. ``fit``/``validate``/``test``/``predict`` are
-LightningCLI's (``--config`` stacking, ``--print_config``, dotted overrides); every other command is
+:data:`COMMANDS` is the one table of sub-commands. ``fit``/``validate``/``test`` are LightningCLI's
+(``--config`` stacking, ``--print_config``, dotted overrides); every other command is
 a typed function whose signature and docstring jsonargparse turns into options (``ibkit COMMAND
 --help``). Add a command by adding a function here. From Python, the same configurations are built
 and run by :func:`build_from_config` and :func:`run_lightning` (:mod:`ibkit.app.config`).
+``predict`` is a typed command (a file of questions -> a JSONL of answers, resumable), not Lightning's:
+the zero-shot predictions of a configuration's datasets are what ``ibkit test`` writes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ COMMANDS: dict[str, Entry] = {
     "fit": Lightning("train: ibkit fit --config configs/trainer/gpu1.yaml --config configs/experiments/instructblip_flant5xl.yaml"),
     "validate": Lightning("evaluate on the validation loaders"),
     "test": Lightning("evaluate on the test loaders"),
-    "predict": Lightning("write predictions"),
+    # answering questions: typed commands over one Assistant (model + processor + generation settings)
+    "predict": Command("ibkit.app.predict:predict", help="answer a file of questions (or a folder of images) -> JSONL, resumable"),
+    "chat": Command("ibkit.app.chat:chat", help="ask a model about images in the terminal (/image PATH, /help)",
+                    positional=True),
+    "serve": Command("ibkit.app.serve:serve", help="a local web page + JSON API over a model, on 127.0.0.1",
+                     positional=True),
     "data": Group(
         {
             "list": Command(data_list),

@@ -34,12 +34,14 @@ class Command:
     ibkit the application does not import otherwise). ``help``: one line for ``ibkit --help``
     (default: the docstring's first line). ``training_config``: the command also takes a training
     configuration (``--config``, ``--model.*``, ``--data.*``, ``--trainer.*``, as ``ibkit fit``) and
-    receives the ``module`` and ``datamodule`` it builds.
+    receives the ``module`` and ``datamodule`` it builds. ``positional``: required parameters are
+    positional arguments (``ibkit chat MODEL_DIR``) instead of required options.
     """
 
     target: Callable[..., Any] | str
     help: str | None = None
     training_config: bool = False
+    positional: bool = False
 
     def function(self) -> Callable[..., Any]:
         if callable(self.target):
@@ -104,7 +106,7 @@ def run_entry(path: Sequence[str], entry: Entry, argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog=prog, description=description(function))
-    parser.add_function_arguments(function, as_group=False)
+    parser.add_function_arguments(function, as_group=False, as_positional=entry.positional)
     config = parser.instantiate_classes(parser.parse_args(bare_flags_as_true(function, argv)))
     names = inspect.signature(function).parameters
     return _call(parser, function, {name: config[name] for name in names})

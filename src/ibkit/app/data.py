@@ -38,6 +38,7 @@ def data_check(
     root: Path,
     dataset: str | list[str] | None = None,
     suite: str = "instructblip",
+    custom: Path | None = None,
     media: bool = False,
     sample: float = 1.0,
     seed: int = 0,
@@ -53,7 +54,9 @@ def data_check(
     Args:
         root: data root the registry paths are under.
         dataset: check only this dataset (several: --dataset+=a --dataset+=b, or --dataset '[a, b]').
-        suite: instructblip | finetune | shapes | all.
+        suite: instructblip | finetune | shapes | custom | all.
+        custom: a YAML file declaring custom datasets (a training config with data.init_args.custom_datasets,
+            or their list); without --dataset, those are checked.
         media: open every image and video the found splits reference (images fully decoded, videos: the frames the loader takes).
         sample: with --media: check this seeded fraction (0 < f <= 1) of each split's distinct media files.
         seed: with --sample: the seed of the choice.
@@ -71,6 +74,14 @@ def data_check(
     if num_frames <= 0 or workers <= 0:
         raise UsageError("--num_frames and --workers must be positive")
     names = [dataset] if isinstance(dataset, str) else dataset
+    if custom is not None:
+        from ibkit.data.registry.custom import entries_from_yaml, register_custom
+
+        try:
+            declared = register_custom(entries_from_yaml(custom))
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--custom {custom}: {error}") from error
+        names = names or [entry.name for entry in declared]
     options = MediaCheckOptions(sample, seed, num_frames, workers, progress=True) if media else None
     results = check_root(Path(root), names=names, suite=_suite(suite), media=options)
     print(format_check(results, show=show, named=bool(names)))

@@ -30,6 +30,7 @@ from ibkit.data.collate import InstructionCollator
 from ibkit.data.dataset import BadInputTally, InstructionDataset, MixtureDataset
 from ibkit.data.media_check import MediaCheckOptions, require_clean_media
 from ibkit.data.registry import get_spec, load_samples
+from ibkit.data.registry.custom import register_custom, with_custom_roles
 from ibkit.data.sampler import MixtureSampler, MixtureStream, describe_mixture, mixture_weights
 from ibkit.data.shard_mixture import shard_dataset, training_stream
 from ibkit.data.tokenize import nested_qformer_tokenizer
@@ -96,6 +97,8 @@ class InstructionDataModule(LightningDataModule):
         shards: streamed training sources mixed like ``datasets``: ``{name: pattern}`` or ``{name: {urls:
             pattern, buffer_size, shuffle_shards, template_set, caption_key}}`` of img2dataset webdataset
             shards (local, brace pattern, any fsspec URL); see :mod:`ibkit.data.shards`.
+        custom_datasets: datasets declared here (``[{name, format: llava|jsonl, path, task, metric, ...}]``,
+            :class:`ibkit.data.registry.custom.CustomDataset`): registered, then trained on (held-in) or evaluated.
     """
 
     def __init__(
@@ -136,11 +139,12 @@ class InstructionDataModule(LightningDataModule):
         block_size: int = 4096,
         pin_memory: bool = True,
         shards: dict[str, Any] | None = None,
+        custom_datasets: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.dataset_names = list(datasets or [])
-        self.eval_dataset_names = list(eval_datasets or [])
+        self.dataset_names, self.eval_dataset_names, multipliers = with_custom_roles(
+            register_custom(custom_datasets), datasets or [], eval_datasets or [], multipliers or {})
         self.shards = dict(shards or {})
         if not self.dataset_names and not self.eval_dataset_names and not self.shards:
             raise ValueError("InstructionDataModule needs `datasets`/`shards` (training) and/or `eval_datasets`")
@@ -158,7 +162,7 @@ class InstructionDataModule(LightningDataModule):
         self.train_split = train_split
         self.eval_splits = dict(eval_splits or {})
         self.mixing = mixing
-        self.multipliers = dict(multipliers or {})
+        self.multipliers = multipliers
         self.use_default_multipliers = use_default_multipliers
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size

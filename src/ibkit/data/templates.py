@@ -161,6 +161,8 @@ _VIDEO_QA = (
     'The question "{question}" can be answered by watching the video. The answer is',
     "Considering what happens in the clip, answer: {question}",
 )
+PROMPT_AS_WRITTEN = "[[{context}\n]]{question}"  # earlier turns (if any), then the instruction as written
+NO_TEMPLATES = "none"  # a template set name meaning "the record's own instruction" (custom datasets)
 _LLAVA = (  # LLaVA instructions are already natural requests: vary only how the history is framed
     "[[{context}\n]]{question}",
     "[[Conversation so far:\n{context}\n]]User: {question}\nAssistant:",
@@ -317,9 +319,9 @@ def template_rng(seed: int, *keys: object) -> random.Random:
 def fill_instruction(sample: Sample, template_set: str, rng: random.Random, clean_captions: bool = True) -> Sample:
     """A copy of ``sample`` with ``instruction`` from a template of ``template_set`` and ``target`` filled
     (a caption target cleaned by :func:`clean_caption`, as LAVIS trains on them)."""
-    if template_set not in TEMPLATES:
+    if template_set != NO_TEMPLATES and template_set not in TEMPLATES:
         raise KeyError(f"unknown template set {template_set!r}; known sets: {', '.join(sorted(TEMPLATES))}")
-    template = rng.choice(TEMPLATES[template_set])
+    template = rng.choice(TEMPLATES[template_set] if template_set != NO_TEMPLATES else (PROMPT_AS_WRITTEN,))
     instruction = render(template, _SampleFields(sample))
     target = choose_target(sample, rng)
     if clean_captions and target is not None and template_set in CAPTION_TEMPLATE_SETS:

@@ -7,6 +7,7 @@ Every answered turn becomes one sample whose ``context`` holds the earlier turns
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,17 +138,26 @@ def llava_subset(record: Any) -> str:
     return "reasoning"
 
 
-def _read_llava(paths: dict[str, Path], split: str, skips: SkipCounter | None, dataset: str, subset: str) -> list[Sample]:
+def read_llava_file(
+    paths: dict[str, Path],
+    split: str,
+    skips: SkipCounter | None,
+    dataset: str,
+    image_path: Callable[[Path, str], str] = _llava_image,
+    subset: str | None = None,
+) -> list[Sample]:
     """LLaVA ``[{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}]``.
 
-    Reads the subset's own file (role ``split``) or, when only the merged ``llava_instruct_150k.json``
-    (role ``merged``, what LAVIS reads) is there, that file's records of this subset (:func:`llava_subset`).
-    One sample per (human, gpt) pair; ``<image>`` is removed (the visual prompt has its own place) and
-    earlier turns go into ``context`` as ``User: ...`` / ``Assistant: ...`` lines.
+    Reads the file of role ``split`` or, for a LLaVA-Instruct ``subset`` whose own file is absent while the
+    merged ``llava_instruct_150k.json`` (role ``merged``, what LAVIS reads) is there, that file's records
+    of the subset (:func:`llava_subset`). One sample per (human, gpt) pair; ``<image>`` is removed (the
+    visual prompt has its own place) and earlier turns go into ``context`` as ``User: ...`` /
+    ``Assistant: ...`` lines. ``image_path``: the media root and the record's ``image`` -> the file
+    (custom datasets: relative to their image root).
     """
     path = paths[split]
     merged = paths.get("merged")
-    from_merged = not path.is_file() and merged is not None and merged.is_file()
+    from_merged = subset is not None and not path.is_file() and merged is not None and merged.is_file()
     if from_merged:
         path = merged
     skips = counter_for(skips, dataset)
@@ -157,7 +167,7 @@ def _read_llava(paths: dict[str, Path], split: str, skips: SkipCounter | None, d
         if from_merged and llava_subset(record) != subset:
             return None
         record_id = str(expect(record, "id", (str, int)))
-        image = _llava_image(paths["images"], expect_str(record, "image"))
+        image = image_path(paths["images"], expect_str(record, "image"))
         turns = expect(record, "conversations", list)
         if len(turns) < 2 or len(turns) % 2:
             raise BadRecord(f"'conversations' should hold human/gpt pairs, got {len(turns)} turns")
@@ -191,16 +201,16 @@ def read_llava_conversation(
     paths: dict[str, Path], split: str, skips: SkipCounter | None = None
 ) -> list[Sample]:
     """``conversation_58k.json``: multi-turn conversations."""
-    return _read_llava(paths, split, skips, "llava_conversation", "conversation")
+    return read_llava_file(paths, split, skips, "llava_conversation", subset="conversation")
 
 
 def read_llava_detail(paths: dict[str, Path], split: str, skips: SkipCounter | None = None) -> list[Sample]:
     """``detail_23k.json``: one request for a detailed description per image."""
-    return _read_llava(paths, split, skips, "llava_detail", "detail")
+    return read_llava_file(paths, split, skips, "llava_detail", subset="detail")
 
 
 def read_llava_reasoning(
     paths: dict[str, Path], split: str, skips: SkipCounter | None = None
 ) -> list[Sample]:
     """``complex_reasoning_77k.json``: one reasoning question per image."""
-    return _read_llava(paths, split, skips, "llava_reasoning", "reasoning")
+    return read_llava_file(paths, split, skips, "llava_reasoning", subset="reasoning")

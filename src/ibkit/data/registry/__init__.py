@@ -89,9 +89,13 @@ __all__ = [
 _REGISTRY: dict[str, DatasetSpec] = {}
 
 
-def register(spec: DatasetSpec) -> None:
-    """Add a dataset; a second spec under the same name is an error (no silent shadowing)."""
-    if spec.name in _REGISTRY:
+def register(spec: DatasetSpec, replace_custom: bool = False) -> None:
+    """Add a dataset; a second spec under the same name is an error (no silent shadowing), except that
+    with ``replace_custom`` a custom spec replaces an earlier custom spec of that name (a config read again)."""
+    if replace_custom and spec.name not in _REGISTRY:
+        _import_optional_suites()  # a custom name must not shadow a suite registered on demand either
+    earlier = _REGISTRY.get(spec.name)
+    if earlier is not None and not (replace_custom and spec.suite == earlier.suite == "custom"):
         raise ValueError(
             f"dataset {spec.name!r} is already registered (suite {_REGISTRY[spec.name].suite!r})"
         )

@@ -28,10 +28,11 @@ FAMILIES = (
     "image_classification",
     "llava_visual_instruction",
 )
+CUSTOM_FAMILY = "custom"  # datasets declared in YAML (ibkit.data.registry.custom), not one of the paper's 11
 METRICS = ("cider", "vqa_accuracy", "accuracy", "auc", "mrr", "ivqa_accuracy", "none")
 EVAL_MODES = ("generate", "rank")
 MEDIA_ROLES = ("images", "videos")
-SUITES = ("instructblip", "finetune", "shapes")  # finetune: evaluation variants of the 26 (Table 3)
+SUITES = ("instructblip", "finetune", "shapes", "custom")  # finetune: evaluation variants of the 26 (Table 3)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class DatasetSpec:
 
     def __post_init__(self) -> None:
         where = f"DatasetSpec {self.name!r}"
-        if self.family not in FAMILIES:
+        if self.family not in (*FAMILIES, CUSTOM_FAMILY):
             raise ValueError(f"{where}: unknown family {self.family!r}; expected one of {FAMILIES}")
         if self.metric not in METRICS:
             raise ValueError(f"{where}: unknown metric {self.metric!r}; expected one of {METRICS}")
