@@ -162,6 +162,8 @@ class CustomDataset:
             modality=self.modality,
             suite="custom",
             description=self.description or f"custom {self.format} dataset {first}",
+            media_layout=(f"<the record's {'video' if self.modality == 'video' else 'image'} path>  (relative to "
+                          "image_root unless absolute)",),
         )
 
 
