@@ -192,3 +192,16 @@ def test_run_lightning_fits_and_resumes(tmp_path):
     assert resumed.trainer.global_step == 3
     with pytest.raises(ValueError, match="unknown Lightning command 'train'"):
         run_lightning("train", [TINY])
+
+
+def test_memory_command_prints_the_paper_models_table(capsys):
+    """``ibkit memory``: the meta-device estimate as an app command (was a module's own argparse main)."""
+    from ibkit.app import main
+
+    assert main(["memory", "--prompt_len", "64", "--target_len", "32"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| InstructBLIP")]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "InstructBLIP FlanT5-XL", "InstructBLIP FlanT5-XXL", "InstructBLIP Vicuna-7B", "InstructBLIP Vicuna-13B"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["memory", "--prompt_len", "0"])
+    assert exit_info.value.code == 2

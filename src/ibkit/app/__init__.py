@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ibkit.app.bench import bench
+from ibkit.app.bench import bench, memory
 from ibkit.app.commands import Command, Entry, Group, Lightning, UsageError, run_entry, usage_lines
 from ibkit.app.convert import convert_lavis
 from ibkit.app.data import cache_features, data_check, data_list
@@ -46,6 +46,7 @@ COMMANDS: dict[str, Entry] = {
     ),
     "export": Command(export, training_config=True),
     "bench": Command(bench, help="throughput/memory benchmark against transformers' InstructBLIP"),
+    "memory": Command(memory, help="expected GPU memory of the paper's models per strategy (meta device)"),
     # the shapes package drives the public commands itself; the application only names it
     "demo": Command("ibkit.shapes.demo:demo", help="the whole method end to end on the CPU, on the shapes data"),
 }

@@ -65,3 +65,18 @@ def bench(
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0
+
+
+def memory(prompt_len: int = 128, target_len: int = 256) -> int:
+    """Expected memory per GPU of the paper's InstructBLIP models (built on the meta device, no weights).
+
+    Args:
+        prompt_len: longest instruction, in LLM tokens.
+        target_len: longest answer, in LLM tokens.
+    """
+    from ibkit.training.memory import paper_table
+
+    if prompt_len < 1 or target_len < 1:
+        raise UsageError("--prompt_len and --target_len must be positive")
+    print(paper_table(prompt_len, target_len))
+    return 0

@@ -12,7 +12,6 @@ Run ``python -m ibkit.training.memory`` for the table in docs/train.md.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,16 +186,3 @@ def paper_table(prompt_len: int = 128, target_len: int = 256) -> str:
             f"{ddp_ckpt.total:.0f} GiB | {fsdp.total:.0f} GiB |"
         )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Expected memory per GPU of the paper's InstructBLIP models.")
-    parser.add_argument("--prompt-len", type=int, default=128, help="longest instruction (LLM tokens)")
-    parser.add_argument("--target-len", type=int, default=256, help="longest answer (LLM tokens)")
-    args = parser.parse_args(argv)
-    print(paper_table(args.prompt_len, args.target_len))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
