@@ -54,8 +54,8 @@ def test_print_config_and_dotted_overrides(tmp_path, capsys):
     dumped = tmp_path / "printed.yaml"
     dumped.write_text(printed)
     _, config = parse_config(["fit", "--config", str(dumped)])
-    assert config.model.optim.lr == 0.25 and config.trainer.max_steps == 7
-    assert config.model.model.init_args.num_query_tokens == 4
+    assert config.model.init_args.optim.lr == 0.25 and config.trainer.max_steps == 7
+    assert config.model.init_args.model.init_args.num_query_tokens == 4
 
 
 def test_data_subcommand_delegates_to_the_catalog(capsys):

@@ -89,7 +89,7 @@ def _meta_module(config_dict: dict):
 
     from ibkit.training.module import InstructBLIPModule
 
-    model = config_dict["model"]
+    model = config_dict["model"]["init_args"]  # the LightningModule's arguments (class_path: InstructBLIPModule)
     llm_args = model["model"]["init_args"]["language_model"]["init_args"]
     arch = llm_for_path(llm_args["name_or_path"])
     assert arch is not None, f"no architecture known for {llm_args['name_or_path']}"
@@ -129,7 +129,7 @@ def test_experiments_build_on_the_meta_device(experiment, tmp_path):
     )
     assert not lora and net.qformer_config.instruction_aware and net.num_query_tokens == 32
     assert net.vision_encoder.width == 1408 and net.vision_encoder.config.num_hidden_layers == 39
-    assert config.model.optim.lr == 1e-5 and config.model.optim.warmup_steps == 1000
+    assert config.model.init_args.optim.lr == 1e-5 and config.model.init_args.optim.warmup_steps == 1000
     assert config.data.init_args.mixing == "sqrt"
     paper_batch = 192 if ("flant5xl" in experiment.name or "vicuna7b" in experiment.name) else 128
     assert config.data.init_args.batch_size * 16 == paper_batch  # x16 accumulation in the 1-GPU preset
@@ -159,7 +159,7 @@ def test_overlays_stack_on_an_experiment(overlay, tmp_path, monkeypatch):
     if name.startswith("mixing_"):
         assert config.data.init_args.mixing == name.removeprefix("mixing_")
     if name == "openclip_vit_l":
-        assert net.vision_encoder.width == 1024 and config.model.init_from == ["checkpoints/bert-base-uncased"]
+        assert net.vision_encoder.width == 1024 and config.model.init_args.init_from == ["checkpoints/bert-base-uncased"]
     if name == "mistral_7b":
         assert net.language_model.hf_config.model_type == "mistral"
     if name == "heldout":
@@ -170,8 +170,8 @@ def test_tiny_presets_round_trip(tmp_path):
     _, t5 = _round_trip(["--config", str(CONFIGS / "tiny" / "fit.yaml")], tmp_path)
     tiny = CONFIGS / "tiny"
     _, llama = _round_trip(["--config", str(tiny / "fit.yaml"), "--config", str(tiny / "llama.yaml")], tmp_path)
-    assert t5.model.model.init_args.language_model.init_args.config["model_type"] == "t5"
-    assert llama.model.model.init_args.language_model.init_args.config["model_type"] == "llama"
+    assert t5.model.init_args.model.init_args.language_model.init_args.config["model_type"] == "t5"
+    assert llama.model.init_args.model.init_args.language_model.init_args.config["model_type"] == "llama"
     assert llama.data.init_args.is_encoder_decoder is False
 
 
