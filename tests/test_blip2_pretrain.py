@@ -126,10 +126,10 @@ def test_itm_reranking_rescores_only_the_top_k():
 
 
 def test_caption_collator_batches(tmp_path):
+    from transformers import AutoTokenizer
+
     from ibkit.data.pretrain import CaptionCollator
     from ibkit.shapes.datamodule import prepare_tiny_workspace
-
-    from transformers import AutoTokenizer
 
     paths = prepare_tiny_workspace(tmp_path / "ws")
     qtok, ltok = AutoTokenizer.from_pretrained(paths["qformer"]), AutoTokenizer.from_pretrained(paths["llm"])
