@@ -45,7 +45,7 @@ def test_stage1_stage2_instruction_tuning_chain(tmp_path):
     stage1 = ["--config", str(TINY / "blip2_stage1.yaml"), *_common(workspace, s1)]
     assert main(["fit", *stage1]) == 0
     logged = _metrics(s1)
-    for key in ("train/loss_itc", "train/loss_itm", "train/loss_itg", "val/itc_i2t_r1", "val/itc_t2i_r5",
+    for key in ("train/loss_itc", "train/loss_itm", "train/loss_itg", "val/loss", "val/itc_i2t_r1", "val/itc_t2i_r5",
                 "val/itm_i2t_r1", "val/itm_t2i_r5", "val/cider"):
         assert key in logged, key
     ckpt1 = s1 / "checkpoints" / "last.ckpt"

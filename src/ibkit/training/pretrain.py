@@ -10,7 +10,9 @@ random draws of a step (ITM hard negatives, prefix split points) come from a gen
 seed, step, micro-batch, rank), so a resumed run draws what the uninterrupted one would have. Checkpoints,
 ``init_from`` and the optimiser are the instruction-tuning module's (:mod:`ibkit.training.checkpoint`,
 :mod:`ibkit.convert.weights`, :mod:`ibkit.training.optim`); held-out validation reports zero-shot
-retrieval recall@1/5 (ITC, and ITM re-ranking of the top k, stage 1) and caption CIDEr (both stages).
+retrieval recall@1/5 (ITC, and ITM re-ranking of the top k, stage 1), caption CIDEr (both stages) and
+``val/loss``, the token-weighted caption loss (stage 1: ITG without label smoothing; stage 2: the LM loss),
+which the trainer presets' best-checkpoint callback monitors.
 """
 
 from __future__ import annotations
@@ -234,6 +236,13 @@ class Blip2PretrainModule(LightningModule):
         val["masks"].extend(mask.cpu().unbind(0))
         val["text_image"].append(batch["text_image"].cpu() + self._images_seen)
         self._images_seen += features.shape[0]
+        # val/loss: the ITG caption loss (no cross-rank gathers, so ranks may see unequal batch counts)
+        dec_ids, labels = model.decoder_inputs(batch["input_ids"], batch["attention_mask"])
+        logits = model.itg_logits(features, dec_ids, batch["attention_mask"])
+        tokens = int((labels[:, 1:] != -100).sum())
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                                 ignore_index=-100, reduction="sum")
+        val["loss"].append((float(loss), tokens))
         qtok = self._text["qformer_tokenizer"] if self._text else None
         if qtok is not None:
             tokens = self._caption_tokens(features)
@@ -258,7 +267,7 @@ class Blip2PretrainModule(LightningModule):
         lm = self.lm_batch(batch["caption_ids"], step_generator(0, 0, batch_idx, self.global_rank))  # fixed splits
         out = self.model(pixel_values=batch["pixel_values"], **{k: v.to(self.device) for k, v in lm.items()})
         tokens = int((lm["labels"] != -100).sum())
-        self._val["loss"].append((float(out.loss) * tokens, tokens))
+        self._val["loss"].append((float(out.loss) * tokens, tokens))  # (sum, count): token-weighted over batches
         tok = self._tokenizer()
         size = batch["pixel_values"].shape[0]
         if self.model.is_encoder_decoder:  # the empty prompt: "" + </s> into the encoder
