@@ -107,6 +107,8 @@ def _ticks(size: BenchSize, warmup: int, repeats: int, rank_repeats: int, worklo
     total = 0
     if "train" in workloads:
         total += 5 * (per + repeats)
+    if "pretrain" in workloads:
+        total += per + repeats
     if "generate" in workloads:
         total += len(size.gen_batches) * len(size.gen_beams) * 3 * (per + repeats)
     if "rank" in workloads:
@@ -119,7 +121,7 @@ def run_bench(
     device: str | None = None,
     warmup: int | None = None,
     repeats: int | None = None,
-    workloads: tuple[str, ...] = ("train", "generate", "rank"),
+    workloads: tuple[str, ...] = ("train", "pretrain", "generate", "rank"),
     candidates: int | None = None,
     compile_ibkit: bool = False,
     progress: bool = True,
@@ -169,6 +171,13 @@ def run_bench(
             bench.restore(snapshot)
             del snapshot
             phases["train"] = time.perf_counter() - mark
+        if "pretrain" in chosen:
+            mark = time.perf_counter()
+            bar.set_postfix_str("BLIP-2 stage-1 step")
+            impls, setting = bench.pretrain_impls()
+            results += measure("pretrain", setting, impls, dev, warmup, repeats, bar.update)
+            bench.restore(bench.snapshot())  # modes back to evaluation (the encoder is shared)
+            phases["pretrain"] = time.perf_counter() - mark
         if "generate" in chosen:
             mark = time.perf_counter()
             for batch in spec.gen_batches:
@@ -227,7 +236,7 @@ def _add_throughput(
 ) -> None:
     for row in results:
         t = row["time_s"] = row[f"{statistic}_s"]
-        if row["workload"] == "train":
+        if row["workload"] in ("train", "pretrain"):
             row["throughput"], row["throughput_unit"] = size.train_batch / t, "samples/s"
         elif row["workload"] == "generate":
             batch = int(row["setting"].split(",")[0].split()[1])

@@ -338,6 +338,36 @@ class Bench:
                 writer.add(key, feats[i : i + 1])
         return store, keys
 
+    # -- BLIP-2 stage-1 training step
+    def pretrain_impls(self) -> tuple[list[Impl], str]:
+        """One ITC + ITM + ITG step of a stage-1 model sharing ``ours``' frozen encoder (no baseline)."""
+        from ibkit.models.blip2 import Blip2Stage1
+        from ibkit.models.qformer import QFormerConfig
+
+        qformer = QFormerConfig(**{**self.size.qformer.__dict__, "instruction_aware": True})
+        torch.manual_seed(self.seed + 5)
+        stage1 = Blip2Stage1(self.ours.vision_encoder, qformer, num_query_tokens=self.size.num_query_tokens,
+                             embed_dim=max(16, qformer.hidden_size // 3), dec_token_id=qformer.vocab_size - 1)
+        stage1.to(self.device)
+        opt = adamw([p for p in stage1.parameters() if p.requires_grad])
+        x = make_inputs(self.size, self.size.train_batch, self.device, self.seed + 5)
+        generator = torch.Generator(device=self.device)
+
+        def step() -> None:
+            stage1.train()
+            stage1.vision_encoder.eval()  # frozen: no dropout, as in the instruction-tuning step
+            generator.manual_seed(self.seed)
+            with self.policy.autocast(self.device.type):
+                out = stage1(pixel_values=x.pixel_values, input_ids=x.qformer_input_ids,
+                             attention_mask=x.qformer_attention_mask, generator=generator)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        dtype = "bf16" if self.policy.autocast_dtype or self.policy.frozen_dtype else "fp32"
+        resident = lambda: resident_bytes(stage1, opt)  # noqa: E731
+        return [Impl("ibkit_stage1", step, resident, dtype)], f"batch {self.size.train_batch}"
+
     # -- generation
     def generate_impls(self, batch: int, beams: int) -> tuple[list[Impl], str]:
         x = make_inputs(self.size, max(self.size.gen_batches), self.device, self.seed + 2).rows(batch)
