@@ -108,7 +108,7 @@ def _ticks(size: BenchSize, warmup: int, repeats: int, rank_repeats: int, worklo
     if "train" in workloads:
         total += 5 * (per + repeats)
     if "pretrain" in workloads:
-        total += per + repeats
+        total += 2 * (per + repeats)
     if "generate" in workloads:
         total += len(size.gen_batches) * len(size.gen_beams) * 3 * (per + repeats)
     if "rank" in workloads:
@@ -174,9 +174,11 @@ def run_bench(
         if "pretrain" in chosen:
             mark = time.perf_counter()
             bar.set_postfix_str("BLIP-2 stage-1 step")
+            snapshot = bench.snapshot()
             impls, setting = bench.pretrain_impls()
             results += measure("pretrain", setting, impls, dev, warmup, repeats, bar.update)
-            bench.restore(bench.snapshot())  # modes back to evaluation (the encoder is shared)
+            bench.restore(snapshot)  # the reference step trained ``ours``; modes back to evaluation
+            del snapshot
             phases["pretrain"] = time.perf_counter() - mark
         if "generate" in chosen:
             mark = time.perf_counter()

@@ -340,7 +340,8 @@ class Bench:
 
     # -- BLIP-2 stage-1 training step
     def pretrain_impls(self) -> tuple[list[Impl], str]:
-        """One ITC + ITM + ITG step of a stage-1 model sharing ``ours``' frozen encoder (no baseline)."""
+        """One ITC + ITM + ITG step of a stage-1 model sharing ``ours``' frozen encoder (no transformers
+        baseline), and ibkit's instruction-tuning step on the same images as the reference."""
         from ibkit.models.blip2 import Blip2Stage1
         from ibkit.models.qformer import QFormerConfig
 
@@ -366,7 +367,10 @@ class Bench:
 
         dtype = "bf16" if self.policy.autocast_dtype or self.policy.frozen_dtype else "fp32"
         resident = lambda: resident_bytes(stage1, opt)  # noqa: E731
-        return [Impl("ibkit_stage1", step, resident, dtype)], f"batch {self.size.train_batch}"
+        # the instruction-tuning step on the same inputs alternates with it: their peak fractions compare
+        # under the same load (restore ``ours`` afterwards, as after the training workload)
+        reference = Impl("ibkit", lambda: self._ibkit_step(x, None), self._resident("ibkit", True), dtype)
+        return [Impl("ibkit_stage1", step, resident, dtype), reference], f"batch {self.size.train_batch}"
 
     # -- generation
     def generate_impls(self, batch: int, beams: int) -> tuple[list[Impl], str]:
