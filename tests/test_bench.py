@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from ibkit.app import main
-from ibkit.bench.runner import TARGETS, Bench, ratios
+from ibkit.bench.runner import TARGETS, ratios
 from ibkit.bench.sizes import FULL, SIZES, SMALL
+from ibkit.bench.workloads import Bench
 from ibkit.models.precision import CPU_BF16_ENV
 
 EXPECTED_KEYS = {
@@ -60,6 +61,9 @@ def test_report_has_every_section_and_workload(report):
     by = {(r["workload"], r["impl"]) for r in rows}
     assert {("train", k) for k in ("hf_fp32", "hf_bf16", "hf_bf16_eval", "ibkit", "ibkit_cached")} <= by
     assert {("rank", k) for k in ("hf_fp32", "hf_bf16", "hf_bf16_batched", "ibkit")} <= by
+    assert {("pretrain", "ibkit_stage1"), ("pretrain", "ibkit")} <= by  # stage 1 beside the instruction step
+    # BLIP-2 stage 1 has no transformers baseline, so no ratio
+    assert not any(r["workload"] == "pretrain" for r in report["ratios"])
     settings = {r["setting"] for r in rows if r["workload"] == "generate"}
     assert settings == {f"batch {b}, {m}" for b in SIZES["tiny"].gen_batches for m in ("greedy", "beam 5")}
     assert "6 candidates" in next(r["setting"] for r in rows if r["workload"] == "rank")
@@ -76,6 +80,8 @@ def test_rows_are_internally_consistent(report):
     train = {r["impl"]: r for r in report["results"] if r["workload"] == "train"}
     batch = report["size_config"]["train_batch"]
     assert train["ibkit"]["throughput"] == pytest.approx(batch / train["ibkit"]["time_s"])
+    stage1 = next(r for r in report["results"] if r["impl"] == "ibkit_stage1")
+    assert stage1["throughput"] == pytest.approx(batch / stage1["time_s"]) and stage1["throughput_unit"] == "samples/s"
     # the cache skips the encoder: fewer FLOPs for the same step
     assert train["ibkit_cached"]["flops"] < train["ibkit"]["flops"]
     # fp32 and bf16 transformers do the same arithmetic

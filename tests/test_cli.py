@@ -43,7 +43,12 @@ def test_fit_help_is_lightning_cli(capsys):
         main(["fit", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "--config" in text and "--print_config" in text and "--ckpt_path" in text and "--model.optim" in text
+    assert "--config" in text and "--print_config" in text and "--ckpt_path" in text and "--model.help" in text
+    # the module is chosen by model.class_path; its own options are listed per class
+    for module in ("ibkit.training.InstructBLIPModule", "ibkit.training.pretrain.Blip2PretrainModule"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--model.help", module])
+        assert "optim" in capsys.readouterr().out
 
 
 def test_print_config_and_dotted_overrides(tmp_path, capsys):
@@ -54,8 +59,8 @@ def test_print_config_and_dotted_overrides(tmp_path, capsys):
     dumped = tmp_path / "printed.yaml"
     dumped.write_text(printed)
     _, config = parse_config(["fit", "--config", str(dumped)])
-    assert config.model.optim.lr == 0.25 and config.trainer.max_steps == 7
-    assert config.model.model.init_args.num_query_tokens == 4
+    assert config.model.init_args.optim.lr == 0.25 and config.trainer.max_steps == 7
+    assert config.model.init_args.model.init_args.num_query_tokens == 4
 
 
 def test_data_subcommand_delegates_to_the_catalog(capsys):

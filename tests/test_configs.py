@@ -19,7 +19,8 @@ CONFIGS = ROOT / "configs"
 SHAPES_CONFIGS = ROOT / "src" / "ibkit" / "shapes" / "configs"  # the demo's, shipped as package data
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml")) + sorted(SHAPES_CONFIGS.glob("*.yaml"))
 EXPERIMENTS = sorted((CONFIGS / "experiments").glob("*.yaml"))
-OVERLAYS = sorted((CONFIGS / "experiments").glob("*/*.yaml"))  # stacked on an experiment
+BLIP2 = CONFIGS / "experiments" / "blip2"  # pre-training: stacks of their own
+OVERLAYS = sorted(p for p in (CONFIGS / "experiments").glob("*/*.yaml") if p.parent != BLIP2)  # stacked on an experiment
 TRAINERS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 BASE = CONFIGS / "experiments" / "instructblip_flant5xl.yaml"
 TRAINABLE_PARTS = {"qformer", "query_tokens", "language_projection", "ln_vision"}
@@ -89,7 +90,7 @@ def _meta_module(config_dict: dict):
 
     from ibkit.training.module import InstructBLIPModule
 
-    model = config_dict["model"]
+    model = config_dict["model"]["init_args"]  # the LightningModule's arguments (class_path: InstructBLIPModule)
     llm_args = model["model"]["init_args"]["language_model"]["init_args"]
     arch = llm_for_path(llm_args["name_or_path"])
     assert arch is not None, f"no architecture known for {llm_args['name_or_path']}"
@@ -129,7 +130,7 @@ def test_experiments_build_on_the_meta_device(experiment, tmp_path):
     )
     assert not lora and net.qformer_config.instruction_aware and net.num_query_tokens == 32
     assert net.vision_encoder.width == 1408 and net.vision_encoder.config.num_hidden_layers == 39
-    assert config.model.optim.lr == 1e-5 and config.model.optim.warmup_steps == 1000
+    assert config.model.init_args.optim.lr == 1e-5 and config.model.init_args.optim.warmup_steps == 1000
     assert config.data.init_args.mixing == "sqrt"
     # LAVIS builds the Q-Former from BERT, then loads the BLIP-2 file over it (issue 18)
     init_from = config.model.init_from
@@ -180,7 +181,7 @@ def test_overlays_stack_on_an_experiment(overlay, tmp_path, monkeypatch):
     if name.startswith("mixing_"):
         assert config.data.init_args.mixing == name.removeprefix("mixing_")
     if name == "openclip_vit_l":
-        assert net.vision_encoder.width == 1024 and config.model.init_from == ["checkpoints/bert-base-uncased"]
+        assert net.vision_encoder.width == 1024 and config.model.init_args.init_from == ["checkpoints/bert-base-uncased"]
     if name == "mistral_7b":
         assert net.language_model.hf_config.model_type == "mistral"
     if name == "heldout":
@@ -191,8 +192,8 @@ def test_tiny_presets_round_trip(tmp_path):
     _, t5 = _round_trip(["--config", str(CONFIGS / "tiny" / "fit.yaml")], tmp_path)
     tiny = CONFIGS / "tiny"
     _, llama = _round_trip(["--config", str(tiny / "fit.yaml"), "--config", str(tiny / "llama.yaml")], tmp_path)
-    assert t5.model.model.init_args.language_model.init_args.config["model_type"] == "t5"
-    assert llama.model.model.init_args.language_model.init_args.config["model_type"] == "llama"
+    assert t5.model.init_args.model.init_args.language_model.init_args.config["model_type"] == "t5"
+    assert llama.model.init_args.model.init_args.language_model.init_args.config["model_type"] == "llama"
     assert llama.data.init_args.is_encoder_decoder is False
 
 
@@ -207,3 +208,60 @@ def test_llm_architectures_match_known_sizes():
         # transformers 5 ties T5's output layer to its input embeddings (FlanT5 has them apart: 2.3% of XL)
         tolerance = 0.025 if name.startswith("flan") else 0.005
         assert sum(p.numel() for p in llm.parameters()) == pytest.approx(count, rel=tolerance), name
+
+
+BLIP2_STACKS = {  # the chain of docs/train.md: data, the stage, its swap diff
+    "stage1_vitg": ["stage1_vitg"],
+    "stage1_openclip_vit_l": ["stage1_vitg", "stage1_openclip_vit_l"],
+    "stage1_siglip": ["stage1_vitg", "stage1_siglip"],
+    "stage2_flant5xl": ["stage2_flant5xl"],
+    "stage2_vicuna7b": ["stage2_flant5xl", "stage2_vicuna7b"],
+    "stage2_vicuna13b": ["stage2_flant5xl", "stage2_vicuna13b"],
+    "stage2_mistral_7b": ["stage2_flant5xl", "stage2_mistral_7b"],
+    "stage2_openclip_vit_l": ["stage2_flant5xl", "stage2_openclip_vit_l"],
+    "stage2_siglip": ["stage2_flant5xl", "stage2_siglip"],
+}
+
+
+def test_every_blip2_config_is_in_a_stack():
+    used = {name for stack in BLIP2_STACKS.values() for name in stack} | {"pretrain_data"}
+    assert used == {p.stem for p in BLIP2.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", sorted(BLIP2_STACKS))
+def test_blip2_stacks_parse(name, tmp_path):
+    files = [CONFIGS / "trainer" / "ddp8.yaml", BLIP2 / "pretrain_data.yaml"]
+    files += [BLIP2 / f"{part}.yaml" for part in BLIP2_STACKS[name]]
+    _, config = _round_trip([arg for f in files for arg in ("--config", str(f))], tmp_path)
+    module = config.model.init_args
+    assert config.model.class_path == "ibkit.training.pretrain.Blip2PretrainModule"
+    assert tuple(module.optim.betas) == (0.9, 0.98) and module.optim.weight_decay == 0.05 and module.optim.lr == 1e-4
+    stage1 = name.startswith("stage1")
+    assert module.model.class_path == ("ibkit.models.blip2.Blip2Stage1" if stage1 else "ibkit.InstructBLIP")
+    assert module.optim.min_lr == (1e-5 if stage1 else 5e-5)
+    assert module.model.init_args.qformer.init_args.instruction_aware == stage1  # stage 2: BLIP-2's Q-Former
+    assert config.data.init_args.max_target_len == 32 and config.data.init_args.horizontal_flip
+    world = config.trainer.devices * config.trainer.accumulate_grad_batches
+    paper = {"stage1_vitg": 1680, "stage1_siglip": 1680, "stage1_openclip_vit_l": 2320, "stage2_flant5xl": 1520}
+    assert config.data.init_args.batch_size * world == paper.get(name, 1520 if "siglip" in name or "openclip" in name
+                                                                 else 1920)
+
+
+def test_blip2_stage1_builds_on_the_meta_device():
+    """ViT-g frozen; what trains is the Q-Former with its heads, the queries, ln_vision and the temperature."""
+    from jsonargparse import ArgumentParser
+
+    from ibkit.training.pretrain import Blip2PretrainModule
+
+    cli_parser, config = parse_config(["fit", "--config", str(BLIP2 / "pretrain_data.yaml"), "--config",
+                                       str(BLIP2 / "stage1_vitg.yaml")])
+    model = yaml.safe_load(cli_parser.dump(config, skip_none=False))["model"]["init_args"]
+    model["init_from"] = None
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Blip2PretrainModule, "model")
+    with torch.device("meta"):
+        net = parser.instantiate_classes(parser.parse_object({"model": model})).model.model
+    assert net.vision_encoder.frozen and net.vision_encoder.width == 1408 and net.num_query_tokens == 32
+    trainable = {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"query_tokens", "ln_vision", "qformer", "vision_projection", "text_projection", "itm_head",
+                         "lm_head", "temp"}

@@ -7,7 +7,7 @@ from typing import Literal
 
 from ibkit.app.commands import UsageError
 
-WORKLOADS = ("train", "generate", "rank")
+WORKLOADS = ("train", "pretrain", "generate", "rank")
 
 
 def bench(
@@ -34,7 +34,7 @@ def bench(
         device: cpu | cuda | cuda:N (default: cuda if available).
         repeats: timed rounds per workload (default: per size).
         warmup: warm-up runs per implementation.
-        workloads: comma list of train, generate, rank.
+        workloads: comma list of train, pretrain (BLIP-2 stage-1 step), generate, rank.
         candidates: candidates per ranking question.
         compile: torch.compile ibkit's encoder and Q-Former.
         threads: torch CPU threads (default: torch's).

@@ -1,7 +1,9 @@
 """Training configurations: YAML files + dotted overrides -> module, datamodule, trainer.
 
-One LightningCLI (jsonargparse) over :class:`ibkit.training.InstructBLIPModule` and any
-LightningDataModule chosen by ``class_path`` serves ``ibkit fit|validate|test|predict`` (command-line
+One LightningCLI (jsonargparse) over any LightningModule and LightningDataModule chosen by ``class_path``
+(the module defaults to :class:`ibkit.training.InstructBLIPModule`, so a ``model:`` section without
+``class_path`` configures instruction tuning; ``ibkit.training.pretrain.Blip2PretrainModule`` is BLIP-2
+pre-training) serves ``ibkit fit|validate|test|predict`` (command-line
 arguments), :func:`build_from_config` and :func:`run_lightning` (Python values), so a configuration
 means the same thing from the shell and from code.
 """
@@ -19,6 +21,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+#: the LightningModule of a ``model:`` section without ``class_path`` (every instruction-tuning config)
+DEFAULT_MODULE = "ibkit.training.module.InstructBLIPModule"
 #: parameters of a command function that receive the objects built from the training configuration
 TRAINING_OBJECTS = ("module", "datamodule")
 
@@ -73,8 +77,6 @@ class IbkitCLI(LightningCLI):
         prog: str = "ibkit",
         description: str | None = None,
     ) -> None:
-        from ibkit.training.module import InstructBLIPModule
-
         self._function = function
         self._build_trainer = build_trainer
         parser_kwargs: dict[str, Any] = {"prog": prog}
@@ -84,8 +86,9 @@ class IbkitCLI(LightningCLI):
             # in-process calls (tests, notebooks, the app's commands) pass args while sys.argv holds something else
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
             super().__init__(
-                InstructBLIPModule,
+                LightningModule,
                 LightningDataModule,
+                subclass_mode_model=True,
                 subclass_mode_data=True,
                 auto_configure_optimizers=False,
                 save_config_kwargs={"overwrite": True},
@@ -97,6 +100,7 @@ class IbkitCLI(LightningCLI):
             )
 
     def add_arguments_to_parser(self, parser: ArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODULE}})
         if self._function is not None:
             parser.add_function_arguments(self._function, skip=set(TRAINING_OBJECTS))
 

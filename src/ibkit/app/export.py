@@ -1,4 +1,5 @@
-"""Training checkpoint -> a transformers ``InstructBlipForConditionalGeneration`` folder.
+"""Training checkpoint -> a transformers ``InstructBlipForConditionalGeneration`` folder (BLIP-2 pre-training:
+stage 1 -> ``Blip2ForImageTextRetrieval``, stage 2 -> ``Blip2ForConditionalGeneration``).
 
 The checkpoint holds only the trainable weights, so the model is rebuilt from the same training
 configuration (frozen parts from their pretrained files), the trainable weights are loaded strictly,
@@ -50,6 +51,8 @@ def export_checkpoint(
     processor = processor_for(module, datamodule) if with_processor else None
     if with_processor and processor is None:
         log.warning("no tokenizers in the configuration: %s gets the model only", output)
+    if hasattr(module, "save_model"):  # BLIP-2 pre-training: a Blip2ForImageTextRetrieval / ...ConditionalGeneration folder
+        return module.save_model(output, processor=processor)
     return module.model.save_pretrained(output, processor=processor)
 
 

@@ -1,6 +1,8 @@
 """Copy weights into a built model from any file ibkit reads: the dispatch behind ``init_from``.
 
-A transformers/ibkit folder, an ibkit ``.safetensors`` file or training ``.ckpt``, a LAVIS ``.pth``
+A transformers/ibkit folder (InstructBlip, or BLIP-2's ``Blip2ForImageTextRetrieval`` /
+``Blip2ForConditionalGeneration``: a pre-training stage's export), an ibkit ``.safetensors`` file or
+training ``.ckpt`` (instruction tuning or either pre-training stage), a LAVIS ``.pth``
 (EVA ViT, BLIP-2 or InstructBLIP, renamed by :mod:`ibkit.convert.lavis`) or a BERT folder (the
 Q-Former starts from BERT, :mod:`ibkit.convert.bert_init`). It lives in convert/ because most of
 these are foreign formats; the training module only names the files.
@@ -16,13 +18,45 @@ from pathlib import Path
 
 import torch
 
+from ibkit.models.blip2 import Blip2Stage1
 from ibkit.models.instructblip import InstructBLIP
 from ibkit.models.state import clean_name, persistent_keys
 
 log = logging.getLogger(__name__)
 
 
-def load_initial_weights(model: InstructBLIP, path: str | Path, fold_token_type: bool = True) -> dict[str, list[str]]:
+def load_model_folder(path: str | Path, dtype: str | None = None, instruction_aware: bool | None = None) -> InstructBLIP:
+    """An InstructBLIP from a transformers InstructBlip folder or a BLIP-2 ``Blip2ForConditionalGeneration``
+    folder (a stage-2 export, ``Salesforce/blip2-*``), local or a hub id, in eval mode.
+
+    ``instruction_aware`` None keeps the folder's Q-Former kind (a BLIP-2 folder has no text side); True on a
+    BLIP-2 folder gives InstructBLIP's Q-Former with a fresh text side (copy BERT or a stage-1 result into it).
+    """
+    from ibkit.models.transformers_io import _resolve
+
+    directory = _resolve(path)
+    if model_type(directory) == "blip-2":
+        from ibkit.models.blip2_transformers_io import load_blip2_generation
+
+        return load_blip2_generation(directory, dtype=dtype, instruction_aware=bool(instruction_aware))
+    return InstructBLIP.from_pretrained(directory, dtype=dtype, instruction_aware=instruction_aware)
+
+
+def folder_state(path: Path) -> dict[str, torch.Tensor]:
+    """ibkit names of every tensor of a model folder: InstructBlip layout or either BLIP-2 layout (with
+    ibkit's stage-1 side file: ITG head and temperature)."""
+    from ibkit.models.transformers_io import hf_to_ibkit_state, read_weights
+
+    if model_type(path) == "blip-2":
+        from ibkit.models.blip2_transformers_io import hf_to_ibkit_blip2_state
+
+        return hf_to_ibkit_blip2_state(read_weights(path))
+    return hf_to_ibkit_state(read_weights(path))
+
+
+def load_initial_weights(
+    model: InstructBLIP | Blip2Stage1, path: str | Path, fold_token_type: bool = True
+) -> dict[str, list[str]]:
     """Copy weights into ``model`` from a transformers/ibkit directory, an ibkit ``.safetensors`` file,
     an ibkit training ``.ckpt``, a LAVIS ``.pth`` (EVA ViT, BLIP-2 or InstructBLIP) or a BERT folder
     (the Q-Former starts from BERT, as in BLIP-2 pre-training and LAVIS's InstructBLIP;
@@ -44,15 +78,14 @@ def load_initial_weights(model: InstructBLIP, path: str | Path, fold_token_type:
         return {"loaded": ["qformer." + k for k in report.copied], "missing": [], "unexpected": report.unused,
                 "initialised": fresh}
     if path.is_dir():
-        from ibkit.models.transformers_io import hf_to_ibkit_state, read_weights
-
-        state = hf_to_ibkit_state(read_weights(path))
+        state = folder_state(path)
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(path))
     elif path.suffix == ".ckpt":
         raw = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]  # an ibkit training checkpoint
+        # (instruction tuning or a BLIP-2 stage: the modules keep the network as ``model``)
         state = {clean_name(k).removeprefix("model."): v for k, v in raw.items()}
     elif path.suffix in (".pth", ".pt", ".bin"):
         state = lavis_state(path)

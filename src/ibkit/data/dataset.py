@@ -124,6 +124,7 @@ class InstructionDataset(Dataset):
             "answers": list(sample.answers),
             "candidates": sample.candidates,
             "label": sample.label,
+            "image": _media_path(sample),  # the same file = the same image (BLIP-2's ITM negatives)
         }
 
     def get(self, index: int, position: int | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ibkit.data.datamodule import InstructionDataModule
+from ibkit.data.pretrain import PretrainData
 
 TINY_VOCAB_SIZE = 1024  # the tiny LLM/Q-Former configs use this vocabulary size
 LLM_SPECIALS = ("<pad>", "</s>", "<unk>", "<s>")  # T5-like: pad 0, eos 1
@@ -189,3 +190,7 @@ class TinyShapesDataModule(InstructionDataModule):
 
     def prepare_data(self) -> None:
         prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes)
+
+
+class TinyShapesPretrainDataModule(PretrainData, TinyShapesDataModule):
+    """The tiny workspace serving BLIP-2 pre-training batches (captions only): ``configs/tiny/blip2_*.yaml``."""

@@ -8,6 +8,7 @@ strict: the checkpoint must hold exactly the trainable keys of the model it is l
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ibkit.models.state import clean_name
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
@@ -35,6 +38,60 @@ def check_keys(found: set[str], expected: set[str], where: str) -> None:
             f"(missing {len(missing)}: {missing[:8]}; unexpected {len(unexpected)}: {unexpected[:8]}). "
             "Was it trained with another configuration (Q-Former kind, LoRA, frozen parts)?"
         )
+
+
+def save_trainable_state(module: Any, checkpoint: dict[str, Any], info: dict[str, Any]) -> None:
+    """Keep only ``module.trainable_state_keys()`` in a checkpoint Lightning is writing; record them and ``info``."""
+    keep = module.trainable_state_keys()
+    checkpoint["state_dict"] = filter_state_dict(checkpoint["state_dict"], keep)
+    checkpoint["ibkit"] = {"format": CHECKPOINT_FORMAT, "trainable_keys": sorted(keep), **info}
+
+
+def check_trainable_state(module: Any, checkpoint: dict[str, Any], pretrained: str | None) -> None:
+    """Before Lightning loads ``checkpoint`` into ``module``: its weights must be exactly the trainable ones,
+    with their shapes. A full checkpoint (frozen weights included, written elsewhere) is cut down to them."""
+    expected = module.trainable_state_keys()
+    info = checkpoint.get("ibkit", {})
+    if "state_dict" not in checkpoint:
+        # FSDP's strategy loads the weights itself (non-strictly) and removes them before this hook:
+        # compare the names the checkpoint recorded when it was written
+        if "trainable_keys" not in info:
+            raise ValueError("checkpoint: no state_dict and no record of its trainable weights")
+        check_keys(set(info["trainable_keys"]), expected, "checkpoint")
+        return
+    state = checkpoint["state_dict"]
+    found = {clean_name(k) for k in state}
+    if not info:
+        known = {clean_name(n) for n, _ in module.named_parameters(remove_duplicate=False)}
+        known |= {clean_name(n) for n, _ in module.named_buffers(remove_duplicate=False)}
+        unknown = sorted(found - known)
+        if unknown:
+            raise ValueError(f"checkpoint: weights this model does not have: {unknown[:8]}")
+        checkpoint["state_dict"] = state = filter_state_dict(state, expected)
+        found = {clean_name(k) for k in state}
+    elif info.get("pretrained") != pretrained:
+        log.warning("checkpoint was trained on top of %s, this model is %s: the frozen weights differ",
+                    info.get("pretrained"), pretrained)
+    check_keys(found, expected, "checkpoint")
+    own = {clean_name(n): p for n, p in module.named_parameters()}
+    wrong = [
+        f"{key}: {tuple(value.shape)} in the checkpoint, {tuple(own[clean_name(key)].shape)} here"
+        for key, value in state.items()
+        if clean_name(key) in own and own[clean_name(key)].numel() > 0  # (FSDP shards can be empty views)
+        and tuple(value.shape) != tuple(own[clean_name(key)].shape)
+    ]
+    if wrong:
+        raise ValueError(f"checkpoint: trainable weights of another shape (another configuration?): {wrong[:5]}")
+
+
+def load_trainable_weights(module: Any, checkpoint: dict[str, Any] | str | Path) -> None:
+    """Strictly load the trainable weights of a checkpoint (file or dict) into a built module."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = load_checkpoint_file(checkpoint)
+    module.on_load_checkpoint(checkpoint)
+    _, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint: unexpected weights {unexpected[:8]}")
 
 
 def _is_local(path: str | Path) -> bool:

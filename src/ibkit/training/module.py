@@ -25,10 +25,15 @@ from ibkit.data.collate import IGNORE_INDEX, is_empty, model_inputs
 from ibkit.eval.evaluator import Evaluator, predict_records
 from ibkit.models.instructblip import InstructBLIP
 from ibkit.models.language import LoraSettings, resolve_dtype
-from ibkit.models.state import clean_name, persistent_keys
+from ibkit.models.state import persistent_keys
 from ibkit.processor import Processor
-from ibkit.training.checkpoint import CHECKPOINT_FORMAT, AtomicCheckpointIO, check_keys, filter_state_dict
-from ibkit.training.optim import OptimSettings, WarmupCosineSchedule, build_optimizer
+from ibkit.training.checkpoint import (
+    AtomicCheckpointIO,
+    check_trainable_state,
+    load_trainable_weights,
+    save_trainable_state,
+)
+from ibkit.training.optim import OptimSettings, configure_warmup_cosine
 from ibkit.training.vision_words import VisionWordHead, VisionWordSettings, vision_word_loss, word_targets
 
 log = logging.getLogger(__name__)
@@ -39,7 +44,9 @@ class InstructBLIPModule(LightningModule):
 
     Args:
         model: the network, built from YAML (``class_path: ibkit.InstructBLIP``). Exclusive with ``pretrained``.
-        pretrained: a transformers/ibkit InstructBLIP folder, loaded in ``configure_model``.
+        pretrained: a transformers/ibkit InstructBLIP folder or a BLIP-2 ``Blip2ForConditionalGeneration`` folder
+            (a stage-2 export; ``qformer_instruction_aware: true`` for InstructBLIP's Q-Former), loaded in
+            ``configure_model``.
         init_from: weights copied in after building, in order (LAVIS ``eva_vit_g.pth`` / BLIP-2 or
             InstructBLIP ``.pth``, a BERT folder for the Q-Former, a model folder, ``.safetensors``, a ``.ckpt``);
             missing keys keep their values. When it names files, every Q-Former tensor must come from one of them
@@ -154,8 +161,10 @@ class InstructBLIPModule(LightningModule):
     def configure_model(self) -> None:
         """Load ``pretrained`` (once), then apply dtype/LoRA/init settings; runs before checkpoint restore."""
         if self.model is None:
+            from ibkit.convert.weights import load_model_folder
+
             log.info("loading %s", self.pretrained)
-            model = InstructBLIP.from_pretrained(self.pretrained, dtype=self.llm_dtype, instruction_aware=self.qformer_instruction_aware)
+            model = load_model_folder(self.pretrained, dtype=self.llm_dtype, instruction_aware=self.qformer_instruction_aware)
             model.train(self.training)  # loaded in eval mode; Lightning keeps whatever mode it finds
             if self.lora is not None:
                 model.language_model.apply_lora(self.lora)
@@ -318,25 +327,7 @@ class InstructBLIPModule(LightningModule):
         self._last_step_end = None
 
     def configure_optimizers(self) -> dict[str, Any]:
-        settings = self.optim
-        max_steps = settings.max_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else None)
-        if max_steps is None:
-            estimate = self.trainer.estimated_stepping_batches
-            if estimate == float("inf"):
-                raise ValueError(
-                    "the cosine schedule needs a length: set trainer.max_steps (the training stream is infinite) "
-                    "or model.optim.max_steps"
-                )
-            max_steps = int(estimate)
-        warmup = settings.warmup_steps
-        if warmup > max_steps:
-            log.warning("warmup_steps %d > max_steps %d: warming up over the whole run", warmup, max_steps)
-            warmup = max_steps
-        optimizer = build_optimizer(self.named_parameters(), settings)
-        scheduler = WarmupCosineSchedule(
-            optimizer, warmup, max_steps, warmup_start_lr=settings.warmup_start_lr, min_lr=settings.min_lr
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return configure_warmup_cosine(self.named_parameters(), self.optim, self.trainer)
 
     # ----------------------------------------------------------------------------------- evaluation
     def _eval_names(self) -> list[str]:
@@ -404,57 +395,11 @@ class InstructBLIPModule(LightningModule):
         return persistent_keys(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self.trainable_state_keys()
-        checkpoint["state_dict"] = filter_state_dict(checkpoint["state_dict"], keep)
-        checkpoint["ibkit"] = {
-            "format": CHECKPOINT_FORMAT,
-            "trainable_keys": sorted(keep),
-            "pretrained": self.pretrained,
-            "init_from": self.init_from,
-        }
+        save_trainable_state(self, checkpoint, {"pretrained": self.pretrained, "init_from": self.init_from})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        expected = self.trainable_state_keys()
-        info = checkpoint.get("ibkit", {})
-        if "state_dict" not in checkpoint:
-            # FSDP's strategy loads the weights itself (non-strictly) and removes them before this hook:
-            # compare the names the checkpoint recorded when it was written
-            if "trainable_keys" not in info:
-                raise ValueError("checkpoint: no state_dict and no record of its trainable weights")
-            check_keys(set(info["trainable_keys"]), expected, "checkpoint")
-            return
-        state = checkpoint["state_dict"]
-        found = {clean_name(k) for k in state}
-        if not info:
-            # a full checkpoint (frozen weights included, e.g. written elsewhere): keep the trainable part
-            known = {clean_name(n) for n, _ in self.named_parameters(remove_duplicate=False)}
-            known |= {clean_name(n) for n, _ in self.named_buffers(remove_duplicate=False)}
-            unknown = sorted(found - known)
-            if unknown:
-                raise ValueError(f"checkpoint: weights this model does not have: {unknown[:8]}")
-            checkpoint["state_dict"] = state = filter_state_dict(state, expected)
-            found = {clean_name(k) for k in state}
-        elif info.get("pretrained") != self.pretrained:
-            log.warning("checkpoint was trained on top of %s, this model is %s: the frozen weights differ",
-                        info.get("pretrained"), self.pretrained)
-        check_keys(found, expected, "checkpoint")
-        own = {clean_name(n): p for n, p in self.named_parameters()}
-        wrong = [
-            f"{key}: {tuple(value.shape)} in the checkpoint, {tuple(own[clean_name(key)].shape)} here"
-            for key, value in state.items()
-            if clean_name(key) in own and own[clean_name(key)].numel() > 0  # (FSDP shards can be empty views)
-            and tuple(value.shape) != tuple(own[clean_name(key)].shape)
-        ]
-        if wrong:
-            raise ValueError(f"checkpoint: trainable weights of another shape (another configuration?): {wrong[:5]}")
+        check_trainable_state(self, checkpoint, self.pretrained)
 
     def load_trainable_weights(self, checkpoint: dict[str, Any] | str | Path) -> None:
         """Strictly load the trainable weights of a checkpoint (file or dict) into the built model."""
-        if not isinstance(checkpoint, dict):
-            from ibkit.training.checkpoint import load_checkpoint_file
-
-            checkpoint = load_checkpoint_file(checkpoint)
-        self.on_load_checkpoint(checkpoint)
-        missing, unexpected = self.load_state_dict(checkpoint["state_dict"], strict=False)
-        if unexpected:
-            raise ValueError(f"checkpoint: unexpected weights {unexpected[:8]}")
+        load_trainable_weights(self, checkpoint)

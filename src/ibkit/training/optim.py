@@ -8,13 +8,17 @@ optimizer step here).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,3 +126,28 @@ class WarmupCosineSchedule(LRScheduler):
                 )
             )
         return out
+
+
+def configure_warmup_cosine(
+    named_params: Iterable[tuple[str, nn.Parameter]], settings: OptimSettings, trainer: Any
+) -> dict[str, Any]:
+    """A LightningModule's ``configure_optimizers`` result: AdamW + this schedule stepped per optimizer step,
+    over ``settings.max_steps`` or the trainer's length."""
+    max_steps = settings.max_steps or (trainer.max_steps if trainer.max_steps > 0 else None)
+    if max_steps is None:
+        estimate = trainer.estimated_stepping_batches
+        if estimate == float("inf"):
+            raise ValueError(
+                "the cosine schedule needs a length: set trainer.max_steps (the training stream is infinite) "
+                "or model.optim.max_steps"
+            )
+        max_steps = int(estimate)
+    warmup = settings.warmup_steps
+    if warmup > max_steps:
+        log.warning("warmup_steps %d > max_steps %d: warming up over the whole run", warmup, max_steps)
+        warmup = max_steps
+    optimizer = build_optimizer(named_params, settings)
+    scheduler = WarmupCosineSchedule(
+        optimizer, warmup, max_steps, warmup_start_lr=settings.warmup_start_lr, min_lr=settings.min_lr
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
