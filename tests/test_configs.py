@@ -133,9 +133,9 @@ def test_experiments_build_on_the_meta_device(experiment, tmp_path):
     assert config.model.init_args.optim.lr == 1e-5 and config.model.init_args.optim.warmup_steps == 1000
     assert config.data.init_args.mixing == "sqrt"
     # LAVIS builds the Q-Former from BERT, then loads the BLIP-2 file over it (issue 18)
-    init_from = config.model.init_from
+    init_from = config.model.init_args.init_from
     assert init_from[0] == "checkpoints/bert-base-uncased" and init_from[-1].startswith("checkpoints/lavis/blip2_pretrained")
-    assert config.model.fold_bert_token_type is False and config.model.allow_uninitialized is False
+    assert config.model.init_args.fold_bert_token_type is False and config.model.init_args.allow_uninitialized is False
 
 
 # The paper's global batch (Dai et al., 2023, Sec. 2.4): 192 / 128 / 64 / 64.
