@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tiny_models import NUM_QUERIES, QFORMER, T5_TEXT, VISION, hf_inputs, with_placeholders
 
 from ibkit import InstructBLIP, LanguageModel
-from ibkit.bench.runner import build_transformers
+from ibkit.bench.workloads import build_transformers
 from ibkit.models import EVAViT, EVAViTConfig
 from ibkit.models.precision import (
     CPU_BF16_ENV,
