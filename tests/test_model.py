@@ -162,7 +162,8 @@ def test_pretrained_loads_in_the_other_qformer_mode(tmp_path):
     shared = blip2.state_dict()
     for name, value in source.state_dict().items():
         if name in shared:
-            torch.testing.assert_close(shared[name], value)
+            # the export appends the LLM's <image> placeholder row (issue 18): the source's rows are kept as they are
+            torch.testing.assert_close(shared[name][: value.shape[0]] if value.dim() else shared[name], value)
     dropped = set(source.state_dict()) - set(shared)
     assert dropped and all("word_embeddings" in n or "position_embeddings" in n or ".intermediate." in n
                            or ".output." in n for n in dropped)

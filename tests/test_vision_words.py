@@ -8,7 +8,7 @@ from tiny_models import NUM_QUERIES, QFORMER, T5_TEXT, VISION
 
 from ibkit import InstructBLIP, LanguageModel
 from ibkit.models import EVAViT, EVAViTConfig
-from ibkit.models.transformers_io import load_pretrained, qformer_config_from_hf
+from ibkit.models.transformers_io import qformer_config_from_hf
 from ibkit.training.module import InstructBLIPModule
 from ibkit.training.vision_words import VisionWordHead, VisionWordSettings, vision_word_loss, word_targets
 
@@ -37,7 +37,7 @@ def test_conv_stem_model_round_trips_through_an_ibkit_folder(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         model.save_pretrained(tmp_path / "stem")
     assert "convolutional stem" in caplog.text
-    loaded = load_pretrained(tmp_path / "stem")
+    loaded = InstructBLIP.from_pretrained(tmp_path / "stem")
     assert loaded.vision_encoder.config.stem_channels == (8, 16)
     pixels = torch.randn(2, 3, 30, 30)
     torch.testing.assert_close(loaded.vision_encoder(pixels), model.vision_encoder(pixels))
@@ -54,7 +54,7 @@ def test_stem_batchnorm_trains_its_statistics_round_trips_and_stays_fixed_when_f
     assert norms[0].running_mean.abs().sum() > 0
     model.eval()
     model.save_pretrained(tmp_path / "bn")
-    loaded = load_pretrained(tmp_path / "bn")  # frozen on load
+    loaded = InstructBLIP.from_pretrained(tmp_path / "bn")  # frozen on load
     pixels = torch.randn(2, 3, 30, 30)
     torch.testing.assert_close(loaded.vision_encoder(pixels), model.vision_encoder(pixels))
     stats = [m.running_mean.clone() for m in loaded.vision_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
