@@ -1,4 +1,5 @@
-"""Every notebook in notebooks/ runs top to bottom in a fresh kernel; ibkit.shapes.plotting draws the demo figure."""
+"""Every notebook in notebooks/ runs top to bottom in a fresh kernel; results.ipynb reads the demo's results.json
+and ablation.json through ibkit.shapes.report; ibkit.shapes.plotting reads loss curves and draws the old figure."""
 
 from __future__ import annotations
 
@@ -163,26 +164,33 @@ DEMO_RESULTS = {
 
 
 def test_results_notebook_reads_demo_outputs(kernel_env):
+    """The pipeline demo's results.json; each step's curve from its folder beside it (or CURVES)."""
+    from test_report import RESULTS
+
     demo = kernel_env / "demo"
     demo.mkdir()
-    (demo / "results.json").write_text(json.dumps(DEMO_RESULTS))
-    _write_csvlogger(demo, "stage1", [3.0, 2.5, 2.0, 1.7, 1.5])
-    stage2_csv = _write_csvlogger(demo, "stage2", [1.4, 1.2, 1.1])
+    (demo / "results.json").write_text(json.dumps(RESULTS))
+    _write_csvlogger(demo, "encoder", [3.0, 2.5, 2.0, 1.7, 1.5])
+    lm_csv = _write_csvlogger(kernel_env / "elsewhere", "lm", [1.4, 1.2, 1.1])
     out_png = kernel_env / "figure" / "demo.png"
     nb = run_notebook(
         REPO / "notebooks" / "results.ipynb",
         kernel_env,
-        {
-            "RESULTS_JSON": str(demo / "results.json"),
-            "CURVES": {"stage1": str(demo / "stage1"), "stage2": str(stage2_csv)},  # a folder and a file
-            "OUT_PNG": str(out_png),
-        },
+        {"RESULTS_JSON": str(demo / "results.json"), "OUT_PNG": str(out_png)},
     )
     text = text_output(nb)
-    assert "MADE-UP" not in text
-    assert "stage1: 5 training steps" in text and "stage2: 3 training steps" in text
-    assert "| shapes_vsr | accuracy | 0.610 | 0.730 | 0.500 | 0.660 ± 0.030 |" in text
+    assert "MADE-UP EXAMPLE curve" in text  # lm's folder is not beside results.json
+    assert "encoder: 5 training steps" in text
+    assert "| shapes_vsr | accuracy | 400 | 0.500 | 0.520 ± 0.030 | 0.700 ± 0.020 | yes |" in text
+    assert "| color | 250 | 0.500 ± 0.010 | 0.950 ± 0.010 |" in text
+    assert "make ablation): no ablation shown" in text
     assert out_png.read_bytes().startswith(PNG_SIGNATURE)
+    text = text_output(run_notebook(
+        REPO / "notebooks" / "results.ipynb", kernel_env,
+        {"RESULTS_JSON": str(demo / "results.json"), "OUT_PNG": str(out_png),
+         "CURVES": {"encoder": str(demo / "encoder"), "lm": str(lm_csv)}},  # a folder and a file
+    ))
+    assert "MADE-UP" not in text and "lm: 3 training steps" in text
 
 
 # ------------------------------------------------------------------------------------------------ plotting
@@ -277,27 +285,18 @@ def test_plot_demo_writes_a_two_panel_png(tmp_path):
 
 
 def test_results_notebook_adds_the_ablation_file(kernel_env):
-    """``make ablation`` writes ablation.json apart from the demo's results.json; the notebook joins them."""
-    demo = kernel_env / "demo_abl"
-    demo.mkdir()
-    results = {k: v for k, v in DEMO_RESULTS.items() if k != "ablations"}
-    (demo / "results.json").write_text(json.dumps(results))
-    ablation = {"seeds": [0, 1, 2], "ablations": {"uniform mixing": {
-        "shapes_vsr": {"mean": 0.55, "std": 0.01, "min": 0.54, "max": 0.56, "n": 3},
-        "shapes_vqa": {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5, "n": 3}}}}  # held-in: not a bar
-    (demo / "ablation.json").write_text(json.dumps(ablation))
-    curve = _write_csvlogger(demo, "stage1", [3.0, 2.0])
+    """``make ablation`` writes ablation.json apart from the demo's results.json; the notebook shows both."""
+    from test_report import ABLATION
+
+    (kernel_env / "ablation.json").write_text(json.dumps(ABLATION))
+    png = kernel_env / "abl" / "ablation.png"
     nb = run_notebook(
         REPO / "notebooks" / "results.ipynb",
         kernel_env,
-        {
-            "RESULTS_JSON": str(demo / "results.json"),
-            "CURVES": {"stage1": str(curve)},
-            "ABLATION_JSON": str(demo / "ablation.json"),
-            "OUT_PNG": str(kernel_env / "abl.png"),
-        },
+        {"ABLATION_JSON": str(kernel_env / "ablation.json"), "ABLATION_PNG": str(png),
+         "OUT_PNG": str(kernel_env / "demo.png")},
     )
     text = text_output(nb)
-    assert "seeds [0, 1, 2]" in text
-    assert "| shapes_vsr | accuracy | 0.610 | 0.730 | 0.500 | 0.550 ± 0.010 |" in text
-    assert "shapes_vqa" not in text
+    assert "seeds [0, 1, 2]" in text and "MADE-UP EXAMPLE numbers" in text  # no results.json here
+    assert "| shapes_vsr | accuracy | 0.500 | 0.620 ± 0.020 (0.600-0.640) |" in text
+    assert png.read_bytes().startswith(PNG_SIGNATURE)

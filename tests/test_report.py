@@ -180,3 +180,21 @@ def test_bad_ablation_names_the_field(change, field):
     with pytest.raises(ValueError) as error:
         check_ablation(ablation)
     assert field in str(error.value)
+
+
+def test_load_names_the_file(tmp_path):
+    import json
+
+    from ibkit.shapes.report import load_ablation, load_results
+
+    good = tmp_path / "results.json"
+    good.write_text(json.dumps(RESULTS))
+    assert load_results(good) == RESULTS
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({**RESULTS, "chance": {"shapes_vsr": "half"}}))
+    with pytest.raises(ValueError, match=r"wrong\.json: results\['chance'\]\['shapes_vsr'\] must be a number"):
+        load_results(wrong)
+    broken = tmp_path / "ablation.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match=r"ablation\.json: "):
+        load_ablation(broken)

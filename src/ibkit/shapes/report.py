@@ -21,6 +21,7 @@ the Agg canvas (never ``pyplot``), as :mod:`ibkit.shapes.plotting` draws them.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -127,6 +128,26 @@ def check_ablation(ablation: Any) -> None:
     for dataset, value in _mapping(ablation.get("chance", {}), "ablation['chance']", "dataset -> number").items():
         if not _is_number(value):
             raise ValueError(f"ablation['chance'][{dataset!r}] must be a number, got {value!r}")
+
+
+def _load(path: str | Path, check: Any) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        check(data)
+    except ValueError as error:  # json.JSONDecodeError is a ValueError too
+        raise ValueError(f"{path}: {error}") from error
+    return data
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read the demo's ``results.json`` and check its layout; errors name the file and the field."""
+    return _load(path, check_results)
+
+
+def load_ablation(path: str | Path) -> dict[str, Any]:
+    """Read ``ablation.json`` and check its layout; errors name the file and the field."""
+    return _load(path, check_ablation)
 
 
 # ------------------------------------------------------------------------------------------ arithmetic
