@@ -20,6 +20,7 @@ from ibkit.data.pretrain import PretrainData
 from ibkit.data.text import TextDataModule
 
 TINY_VOCAB_SIZE = 1024  # the tiny LLM/Q-Former configs use this vocabulary size
+TOKENIZER_VERSION = 2  # bump when the tokenizers change for the same data (2: punctuation split as counted)
 LLM_SPECIALS = ("<pad>", "</s>", "<unk>", "<s>")  # T5-like: pad 0, eos 1
 QFORMER_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # BERT-like: pad 0
 WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
@@ -120,7 +121,7 @@ def prepare_tiny_workspace(root: str | Path, seed: int = 0, image_size: int = 64
     make_shapes(root, seed=seed, sizes=dict(sizes or TINY_SIZES), image_size=image_size, progress=False)
     tokenizers = root / "tokenizers"
     stamp = tokenizers / "ibkit_tiny.json"
-    wanted = {"seed": seed, "image_size": image_size, "sizes": sizes or TINY_SIZES}
+    wanted = {"seed": seed, "image_size": image_size, "sizes": sizes or TINY_SIZES, "tokenizer_version": TOKENIZER_VERSION}
     if not stamp.exists() or json.loads(stamp.read_text()) != json.loads(json.dumps(wanted)):
         write_tiny_tokenizers(root, tokenizers)
         stamp.write_text(json.dumps(wanted))
