@@ -17,8 +17,10 @@ from typing import Any
 
 from ibkit.data.datamodule import InstructionDataModule
 from ibkit.data.pretrain import PretrainData
+from ibkit.data.text import TextDataModule
 
 TINY_VOCAB_SIZE = 1024  # the tiny LLM/Q-Former configs use this vocabulary size
+TOKENIZER_VERSION = 2  # bump when the tokenizers change for the same data (2: punctuation split as counted)
 LLM_SPECIALS = ("<pad>", "</s>", "<unk>", "<s>")  # T5-like: pad 0, eos 1
 QFORMER_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # BERT-like: pad 0
 WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
@@ -74,7 +76,7 @@ def build_vocabulary(texts: Iterable[str], size: int, specials: Iterable[str]) -
 def word_level_tokenizer(vocab: dict[str, int], kind: str) -> Any:
     """A lower-casing word-level ``PreTrainedTokenizerFast``: ``kind='t5'`` appends ``</s>``,
     ``kind='bert'`` wraps in ``[CLS] ... [SEP]``."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     if kind == "t5":
@@ -89,7 +91,10 @@ def word_level_tokenizer(vocab: dict[str, int], kind: str) -> Any:
         raise ValueError(f"unknown tokenizer kind {kind!r}; use 't5' or 'bert'")
     tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # the words build_vocabulary counted (WORD_PATTERN): "?\"" is two tokens, as Whitespace() would make it one <unk>
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(WORD_PATTERN.pattern), behavior="isolated")]
+    )
     tok.post_processor = post
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, tidies " ." -> "."
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, unk_token=unk, **extra)
@@ -116,7 +121,7 @@ def prepare_tiny_workspace(root: str | Path, seed: int = 0, image_size: int = 64
     make_shapes(root, seed=seed, sizes=dict(sizes or TINY_SIZES), image_size=image_size, progress=False)
     tokenizers = root / "tokenizers"
     stamp = tokenizers / "ibkit_tiny.json"
-    wanted = {"seed": seed, "image_size": image_size, "sizes": sizes or TINY_SIZES}
+    wanted = {"seed": seed, "image_size": image_size, "sizes": sizes or TINY_SIZES, "tokenizer_version": TOKENIZER_VERSION}
     if not stamp.exists() or json.loads(stamp.read_text()) != json.loads(json.dumps(wanted)):
         write_tiny_tokenizers(root, tokenizers)
         stamp.write_text(json.dumps(wanted))
@@ -194,3 +199,34 @@ class TinyShapesDataModule(InstructionDataModule):
 
 class TinyShapesPretrainDataModule(PretrainData, TinyShapesDataModule):
     """The tiny workspace serving BLIP-2 pre-training batches (captions only): ``configs/tiny/blip2_*.yaml``."""
+
+
+class ShapesTextDataModule(TextDataModule):
+    """The text instruction corpus of the tiny workspace (:mod:`ibkit.shapes.text_corpus`): the demo's LM step.
+
+    ``prepare_data`` makes the workspace as :class:`TinyShapesDataModule` does; ``sizes`` must name
+    ``shapes_text.train`` (the corpus is written only when asked), so that the word-level tokenizers,
+    built from every annotation file, cover its words. Files and tokenizer default to the workspace's.
+    """
+
+    def __init__(self, root: str = "outputs/tiny", data_seed: int = 0, render_size: int = 64,
+                 sizes: dict[str, int] | None = None, tokenizer: str | None = None, batch_size: int = 64,
+                 eval_batch_size: int | None = None, max_prompt_len: int = 192, max_target_len: int = 32,
+                 max_eval_samples: int | None = None, num_workers: int = 0, seed: int = 0) -> None:
+        from ibkit.shapes.text_corpus import TEXT_CORPUS
+        from ibkit.shapes.writer import wants_text_corpus
+
+        if not wants_text_corpus(sizes):
+            raise ValueError(f"ShapesTextDataModule: sizes must name {TEXT_CORPUS}.train (the corpus size), "
+                             f"got {sizes!r}")
+        root_path = Path(root)
+        folder = root_path / "shapes" / TEXT_CORPUS
+        super().__init__(train_files=[str(folder / "train.json")], val_files=[str(folder / "val.json")],
+                         tokenizer=tokenizer or str(root_path / "tokenizers" / "llm"), batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, max_prompt_len=max_prompt_len,
+                         max_target_len=max_target_len, max_eval_samples=max_eval_samples,
+                         num_workers=num_workers, seed=seed)
+        self.root, self.data_seed, self.render_size, self.sizes = root_path, data_seed, render_size, dict(sizes or {})
+
+    def prepare_data(self) -> None:
+        prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes)

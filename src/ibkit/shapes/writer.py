@@ -16,6 +16,7 @@ from pathlib import Path
 from ibkit.shapes.render import check_image_size, render_image, save_png, write_clip
 from ibkit.shapes.specs import SPECS, SUITE
 from ibkit.shapes.tasks import TASKS
+from ibkit.shapes.text_corpus import TEXT_CORPUS, TEXT_SPLITS, write_text_corpus
 
 GENERATOR_VERSION = 1  # bump when the generated content changes: old folders then fail the manifest check
 DEFAULT_SIZES = {"train": 2000, "val": 100, "test": 200}
@@ -24,23 +25,30 @@ TINY_SIZES = {"train": 6, "val": 3, "test": 6}
 
 def split_sizes(name: str, sizes: dict[str, int] | None = None) -> dict[str, int]:
     """Samples per split of ``name``: defaults, then ``sizes[split]``, then ``sizes["<name>.<split>"]``."""
-    spec = SPECS[name]
+    if name != TEXT_CORPUS and name not in SPECS:
+        raise KeyError(f"unknown shapes dataset {name!r}; known: {', '.join([*SPECS, TEXT_CORPUS])}")
     sizes = dict(sizes or {})
     for key, value in sizes.items():
         dataset, _, split = key.rpartition(".")
         known_split = split in (
-            SPECS[dataset].splits if dataset in SPECS else () if dataset else DEFAULT_SIZES
+            SPECS[dataset].splits if dataset in SPECS
+            else TEXT_SPLITS if dataset == TEXT_CORPUS
+            else () if dataset else DEFAULT_SIZES
         )
         if not known_split:
             raise ValueError(
                 f"sizes: unknown key {key!r}; use a split ({', '.join(DEFAULT_SIZES)}) or '<dataset>.<split>' "
-                "with a shapes dataset and one of its splits"
+                f"with a shapes dataset (or {TEXT_CORPUS}) and one of its splits"
             )
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"sizes[{key!r}] must be a non-negative integer, got {value!r}")
-    return {
-        split: sizes.get(f"{name}.{split}", sizes.get(split, DEFAULT_SIZES[split])) for split in spec.splits
-    }
+    splits = TEXT_SPLITS if name == TEXT_CORPUS else SPECS[name].splits
+    return {split: sizes.get(f"{name}.{split}", sizes.get(split, DEFAULT_SIZES[split])) for split in splits}
+
+
+def wants_text_corpus(sizes: dict[str, int] | None) -> bool:
+    """The text instruction corpus is written only when ``sizes`` asks for it (``shapes_text.train``)."""
+    return f"{TEXT_CORPUS}.train" in (sizes or {})
 
 
 def _manifest(name: str, seed: int, image_size: int, sizes: dict[str, int]) -> dict:
@@ -120,7 +128,9 @@ def make_shapes(
 
     Idempotent: a dataset whose manifest (generator version, seed, image size, split sizes) matches
     is left alone; a different manifest regenerates it. ``sizes`` maps a split (``"train"``) or
-    ``"<dataset>.<split>"`` to a sample count (defaults: DEFAULT_SIZES).
+    ``"<dataset>.<split>"`` to a sample count (defaults: DEFAULT_SIZES). The text instruction corpus
+    (:mod:`ibkit.shapes.text_corpus`, ``<root>/shapes/shapes_text/``) is written only when ``sizes`` names
+    ``shapes_text.train``, so that other presets stay unchanged.
     """
     from tqdm import tqdm
 
@@ -128,19 +138,23 @@ def make_shapes(
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     selected = list(names) if names is not None else list(SPECS)
-    unknown = [name for name in selected if name not in SPECS]
+    unknown = [name for name in selected if name not in SPECS and name != TEXT_CORPUS]
     if unknown:
-        raise KeyError(f"unknown shapes dataset(s) {unknown}; known: {', '.join(SPECS)}")
+        raise KeyError(f"unknown shapes dataset(s) {unknown}; known: {', '.join([*SPECS, TEXT_CORPUS])}")
     base = Path(root).expanduser() / SUITE
-    manifests = {name: _manifest(name, seed, image_size, split_sizes(name, sizes)) for name in selected}
-    todo = [name for name in selected if not _up_to_date(base / name, manifests[name])]
+    images = [name for name in selected if name in SPECS]
+    manifests = {name: _manifest(name, seed, image_size, split_sizes(name, sizes)) for name in images}
+    todo = [name for name in images if not _up_to_date(base / name, manifests[name])]
     total = sum(sum(manifests[name]["sizes"].values()) for name in todo)
     with tqdm(total=total, desc="generating shapes", unit="sample", disable=not progress or not todo) as bar:
         for name in todo:
             bar.set_postfix_str(name)
             base.mkdir(parents=True, exist_ok=True)
             _generate(base / name, manifests[name], bar.update)
-    return {name: base / name for name in selected}
+    folders = {name: base / name for name in images}
+    if wants_text_corpus(sizes) and (names is None or TEXT_CORPUS in selected):
+        folders[TEXT_CORPUS] = write_text_corpus(root, seed, split_sizes(TEXT_CORPUS, sizes))
+    return folders
 
 
 def write_tiny_shapes(root: Path, seed: int = 0, image_size: int = 64) -> dict[str, Path]:

@@ -1,0 +1,140 @@
+"""Instruction-tuning a language model on text alone (TextLMModule + TextDataModule) and its export."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from ibkit.data.text import IGNORE_INDEX, TextDataModule, TextPairCollator, read_text_pairs
+from ibkit.models.language import LanguageModel
+from ibkit.training.checkpoint import RunCheckpoint
+from ibkit.training.optim import OptimSettings
+from ibkit.training.text_lm import TextLMModule, normalize_answer
+
+TINY_T5 = {"model_type": "t5", "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 1,
+           "num_heads": 2, "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu",
+           "relative_attention_num_buckets": 8, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
+           "dropout_rate": 0.0}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few shapes corpus records (JSONL train, JSON val) and a word-level tokenizer covering them."""
+    from ibkit.shapes.datamodule import LLM_SPECIALS, build_vocabulary, word_level_tokenizer
+    from ibkit.shapes.text_corpus import make_records
+
+    folder = tmp_path_factory.mktemp("text")
+    train, val = make_records(0, "train", 48), make_records(0, "val", 8)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (folder / "val.json").write_text(json.dumps({"records": val}))
+    texts = [r["prompt"] + " " + " ".join(r["answers"]) for r in train + val]
+    tokenizer = word_level_tokenizer(build_vocabulary(texts, 256, LLM_SPECIALS), "t5")
+    tokenizer.save_pretrained(folder / "tok")
+    return folder
+
+
+def _module(config: dict, corpus) -> TextLMModule:
+    lm = LanguageModel(config={**config, "vocab_size": 256}, frozen=False)
+    return TextLMModule(lm, tokenizer=str(corpus / "tok"), max_new_tokens=8,
+                        optim=OptimSettings(lr=3e-3, warmup_start_lr=1e-4, warmup_steps=2, weight_decay=0.0))
+
+
+def _data(corpus) -> TextDataModule:
+    return TextDataModule(train_files=[str(corpus / "train.jsonl")], val_files=[str(corpus / "val.json")],
+                          batch_size=8, max_prompt_len=128)
+
+
+def _trainer(run, steps: int) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, val_check_interval=steps,
+                      check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=run,
+                      callbacks=[RunCheckpoint(save_top_k=0, save_last=True)])
+
+
+def _first_val_batch(data: TextDataModule) -> dict:
+    return next(iter(data.val_dataloader()))
+
+
+def test_training_lowers_the_loss_and_the_export_loads_as_the_same_language_model(corpus, tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    from ibkit.app.export import export_checkpoint
+
+    pl.seed_everything(0)
+    module, data = _module(TINY_T5, corpus), _data(corpus)
+    trainer = _trainer(tmp_path / "run", 40)
+    data.connect(module.processor(), True)
+    data.setup("fit")
+    batch = _first_val_batch(data)
+    with torch.no_grad():
+        before = float(module._loss(batch))
+    trainer.fit(module, datamodule=data)
+    with torch.no_grad():
+        after = float(module._loss(batch))
+    assert after < 0.7 * before
+    assert 0.0 <= trainer.callback_metrics["val/acc"] <= 1.0
+    assert any(key.startswith("val/acc_") for key in trainer.callback_metrics)
+
+    # ibkit export's path: a fresh module of the same configuration, the checkpoint's weights, save_model
+    fresh = _module(TINY_T5, corpus)
+    out = export_checkpoint(fresh, _data(corpus), tmp_path / "run" / "checkpoints", tmp_path / "lm")
+    loaded = LanguageModel(name_or_path=str(out), frozen=True)  # t5_exact_gelu left at its default
+    assert loaded.hf_config.dense_act_fn == "gelu"
+    module.eval()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        expected, got = module.language_model(**inputs).logits, loaded(**inputs).logits
+    assert torch.equal(expected, got)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.get_vocab() == module.processor().get_vocab()
+
+    # the tanh GELU that gated-gelu alone means is what the loader replaces: the export says so
+    tanh = _module({k: v for k, v in TINY_T5.items() if k != "dense_act_fn"}, corpus)
+    with caplog.at_level(logging.WARNING, logger="ibkit.training.text_lm"):
+        tanh.save_model(tmp_path / "tanh")
+    assert "t5_exact_gelu" in caplog.text
+
+
+def test_causal_lm_learns_the_target_only(corpus):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(corpus / "tok")
+    records = read_text_pairs(corpus / "val.json")[:3]
+    batch = TextPairCollator(tokenizer, is_encoder_decoder=False, max_prompt_len=128, generate=True)(records)
+    eos = tokenizer.eos_token_id
+    for row, record in enumerate(records):
+        prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+        target = tokenizer(record["target"], add_special_tokens=False)["input_ids"] + [eos]
+        labels = batch["labels"][row][batch["attention_mask"][row].bool()].tolist()
+        assert labels == [IGNORE_INDEX] * len(prompt) + target
+        assert batch["gen_input_ids"][row][-len(prompt):].tolist() == prompt  # left-padded: ends at the prompt
+    gpt2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 256,
+            "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}
+    module = _module(gpt2, corpus)
+    module._tokenizer = tokenizer
+    assert torch.isfinite(module._loss(batch))
+    assert len(module.answer(batch["gen_input_ids"], batch["gen_attention_mask"])) == 3
+
+
+def test_bad_records_name_the_file_and_the_record(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "a", "target": "b"}, {"prompt": "c", "id": "x7"}]))
+    with pytest.raises(ValueError, match=r"bad\.json: record 1 \(id 'x7'\): field 'target'"):
+        read_text_pairs(bad)
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text('{"prompt": "a", "target": "b"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2: not valid JSON"):
+        read_text_pairs(lines)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('{"prompt": "a", "target": "b", "answers": "b"}\n')
+    with pytest.raises(ValueError, match=r"answers\.jsonl: line 1: field 'answers'"):
+        read_text_pairs(answers)
+
+
+def test_answers_compare_word_by_word():
+    assert normalize_answer("Two shapes : a red  circle") == normalize_answer("two shapes: a red circle")
+    assert normalize_answer("left") != normalize_answer("right")
