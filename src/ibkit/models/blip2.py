@@ -277,9 +277,8 @@ class Blip2Stage1(nn.Module):
         text) and B (hard-negative image, text) pairs, the negatives drawn from all ranks' pairs (the
         negative images' tokens gathered with gradient, as LAVIS); ITG on the B captions.
 
-        No pass repeats another's work (as LAVIS's ``blip2_qformer.py``): the images' cross-attention
-        keys/values are computed once for ITC, ITM and ITG, and ITG computes the text only, attending to the
-        ITC query pass's keys/values (LAVIS's ``past_key_values``: under the causal mask queries never see text).
+        No pass repeats another's work (as LAVIS): image cross-attention keys/values are computed once for
+        ITC, ITM and ITG; ITG runs the text only, after the ITC query pass's keys/values (past_key_values).
         """
         if input_ids is None:
             raise ValueError("stage 1 needs captions (input_ids)")
