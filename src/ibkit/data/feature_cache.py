@@ -224,8 +224,11 @@ def build_features(
     if not todo:
         return 0
     device = next(iter(encoder.parameters())).device
+    # its own generator: a loader draws its workers' base seed from the global RNG otherwise, and a run
+    # that built its cache would then draw other dropout masks than one that found it built
     loader = torch.utils.data.DataLoader(
-        _MediaItems(dataset, todo, samples), batch_size=1, num_workers=num_workers, collate_fn=_first
+        _MediaItems(dataset, todo, samples), batch_size=1, num_workers=num_workers, collate_fn=_first,
+        generator=torch.Generator().manual_seed(0),
     )
     from tqdm.auto import tqdm
 
@@ -353,6 +356,12 @@ def _datamodule_datasets(datamodule: Any, stages: Sequence[str]) -> list[tuple[s
                 f"{type(datamodule).__name__}: train_augment=True draws random crops, so training images have no "
                 "fixed encoder features to cache. Set data.train_augment: false to train from cached features, "
                 "or remove the feature cache."
+            )
+        streamed = [getattr(d, "name", type(d).__name__) for d in train.datasets if not isinstance(d, InstructionDataset)]
+        if streamed:
+            raise FeatureCacheError(
+                f"{type(datamodule).__name__}: the streamed training sources {streamed} (data.shards) have no fixed "
+                "list of images to cache; remove the feature cache or train on map-style datasets only"
             )
         found += [("train", train.datasets, i) for i in range(len(train.datasets))]
     evals = getattr(datamodule, "eval_datasets", None)

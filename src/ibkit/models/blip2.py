@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ibkit.models import blip2_transformers_io, transformers_io
+from ibkit.models import qformer as qformer_lib
 from ibkit.models.blip2_losses import (
     ContrastiveOutput,
+    distributed_world,
     gather_rows,
     itc_loss,
     itg_loss,
@@ -201,12 +203,17 @@ class Blip2Stage1(nn.Module):
         return F.normalize(self.text_projection(self.text_outputs(input_ids, attention_mask)[:, 0]), dim=-1)
 
     def itm_logits(
-        self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        image_tokens: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_kv: list[qformer_lib.KeysValues | None] | None = None,
     ) -> torch.Tensor:
         """2-way matching logits (B, 2) of pairs (image i, text i): bidirectional queries + text, head on
-        every query output, averaged over the queries. Column 1 is "match"."""
-        queries = self._queries(image_tokens.shape[0])
-        hidden = self.qformer.forward_hidden(queries, image_tokens, input_ids, attention_mask)
+        every query output, averaged over the queries. Column 1 is "match". ``image_kv`` (the Q-Former's
+        ``image_keys_values`` of the B images) may stand for ``image_tokens``."""
+        queries = self._queries(input_ids.shape[0])
+        hidden = self.qformer.forward_hidden(queries, image_tokens, input_ids, attention_mask, image_kv=image_kv)
         return self.itm_head(hidden[:, : queries.shape[1]]).mean(dim=1)
 
     def itg_logits(
@@ -268,9 +275,10 @@ class Blip2Stage1(nn.Module):
         What happens on every rank (all ranks must call forward, as in any DDP step):
         ITC against all ranks' pairs (:func:`itc_loss`); ITM on B positives, B (image, hard-negative
         text) and B (hard-negative image, text) pairs, the negatives drawn from all ranks' pairs (the
-        negative images' tokens gathered with gradient, as LAVIS); ITG on the B captions. The ITG pass
-        recomputes the queries jointly with the text, which under the causal mask gives the same query
-        states LAVIS reuses from the ITC pass.
+        negative images' tokens gathered with gradient, as LAVIS); ITG on the B captions.
+
+        No pass repeats another's work (as LAVIS): image cross-attention keys/values are computed once for
+        ITC, ITM and ITG; ITG runs the text only, after the ITC query pass's keys/values (past_key_values).
         """
         if input_ids is None:
             raise ValueError("stage 1 needs captions (input_ids)")
@@ -279,9 +287,12 @@ class Blip2Stage1(nn.Module):
         self.clamp_temperature()
         tokens = self.encode_images(pixel_values, image_features)
         batch = tokens.shape[0]
+        image_kv = self.qformer.image_keys_values(tokens)
 
-        # ITC: unimodal passes
-        image_feats = F.normalize(self.vision_projection(self.query_outputs(tokens)), dim=-1)
+        # ITC: unimodal passes; the query pass's self-attention keys/values are kept for ITG
+        queries = self._queries(batch)
+        query_hidden, query_kv = self.qformer.forward_hidden(queries, None, image_kv=image_kv, record=True)
+        image_feats = F.normalize(self.vision_projection(query_hidden), dim=-1)
         text_feats = self.text_embeds(input_ids, attention_mask)
         itc = itc_loss(image_feats, text_feats, self.temp, self.itc_label_smoothing, self.gather_with_grad)
 
@@ -290,7 +301,6 @@ class Blip2Stage1(nn.Module):
         ids_pad, mask_pad = pad_to_global_length(input_ids, attention_mask, pad_id)
         ids_all, _ = gather_rows(ids_pad, with_grad=False)
         mask_all, _ = gather_rows(mask_pad, with_grad=False)
-        tokens_all, _ = gather_rows(tokens, with_grad=True)
         ids_all_img = None
         if image_ids is not None:
             ids_all_img, _ = gather_rows(image_ids, with_grad=False)
@@ -300,18 +310,27 @@ class Blip2Stage1(nn.Module):
         neg_text, text_ok = sample_hard_negatives(itc.sim_i2t, exclude, generator)  # a text for each image
         neg_image, image_ok = sample_hard_negatives(itc.sim_t2i, exclude, generator)  # an image for each text
         if not (text_ok.all() and image_ok.all()):
-            log.debug("ITM: %d images and %d texts have no valid negative in the batch; their negative pairs are "
-                      "left out", int((~text_ok).sum()), int((~image_ok).sum()))
+            log.debug("ITM: %d images and %d texts have no valid negative: their negative pairs are left out",
+                      int((~text_ok).sum()), int((~image_ok).sum()))
         itm_ids = torch.cat((ids_pad, ids_all[neg_text][text_ok], ids_pad[image_ok]))
         itm_mask = torch.cat((mask_pad, mask_all[neg_text][text_ok], mask_pad[image_ok]))
-        itm_tokens = torch.cat((tokens, tokens[text_ok], tokens_all[neg_image][image_ok]))
+        local = torch.arange(batch, device=tokens.device)
+        if distributed_world()[1] == 1:  # every negative image is a local one
+            itm_kv = qformer_lib.select_kv_rows(image_kv, torch.cat((local, local[text_ok], neg_image[image_ok])))
+        else:  # other ranks' images: their tokens with gradient, projected here
+            tokens_all, _ = gather_rows(tokens, with_grad=True)
+            negative_kv = self.qformer.image_keys_values(tokens_all[neg_image][image_ok])
+            own = qformer_lib.select_kv_rows(image_kv, torch.cat((local, local[text_ok])))
+            itm_kv = qformer_lib.cat_kv_rows(own, negative_kv)
         negatives = int(text_ok.sum()) + int(image_ok.sum())
         labels = torch.cat((torch.ones(batch, dtype=torch.long), torch.zeros(negatives, dtype=torch.long)))
-        loss_itm = itm_loss(self.itm_logits(itm_tokens, itm_ids, itm_mask), labels.to(tokens.device))
+        loss_itm = itm_loss(self.itm_logits(None, itm_ids, itm_mask, image_kv=itm_kv), labels.to(tokens.device))
 
-        # ITG: captioning under the multimodal causal mask
+        # ITG: captioning under the multimodal causal mask, the text after the ITC pass's queries
         dec_ids, dec_labels = self.decoder_inputs(input_ids, attention_mask)
-        loss_itg = itg_loss(self.itg_logits(tokens, dec_ids, attention_mask), dec_labels, self.itg_label_smoothing)
+        text_hidden = self.qformer.forward_text_after_queries(dec_ids, attention_mask, query_kv)
+        logits = self.lm_head(text_hidden, self.qformer.embeddings.word_embeddings.weight)
+        loss_itg = itg_loss(logits, dec_labels, self.itg_label_smoothing)
 
         return Blip2Stage1Output(
             loss=itc.loss + loss_itm + loss_itg,

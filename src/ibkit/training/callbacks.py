@@ -17,6 +17,11 @@ log = logging.getLogger(__name__)
 class FeatureCacheCallback(Callback):
     """Lightning callback: train and evaluate from cached frozen-encoder features.
 
+    Works with instruction tuning (:class:`~ibkit.training.module.InstructBLIPModule`) and BLIP-2
+    pre-training (:class:`~ibkit.training.pretrain.Blip2PretrainModule`, both stages): each image is
+    encoded once, and the model reads ``image_features`` instead of ``pixel_values``. A trainable
+    encoder is refused.
+
     In YAML: ``trainer.callbacks: [{class_path: ibkit.training.callbacks.FeatureCacheCallback,
     init_args: {cache_dir: cache/features}}]`` together with ``data.train_augment: false``. Missing
     features are computed at ``setup`` on this rank's device (each rank a slice). A model that is
@@ -38,7 +43,7 @@ class FeatureCacheCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
         if datamodule is None:
-            raise FeatureCacheError("FeatureCacheCallback needs a datamodule (InstructionDataModule)")
+            raise FeatureCacheError("FeatureCacheCallback needs a datamodule (InstructionDataModule or PretrainDataModule)")
         model = getattr(pl_module, "model", None)
         if model is None and callable(getattr(pl_module, "configure_model", None)):
             pl_module.configure_model()  # e.g. model.pretrained: the encoder is needed now
@@ -49,6 +54,12 @@ class FeatureCacheCallback(Callback):
                 "build it in __init__ or configure_model"
             )
         encoder = model.vision_encoder
+        if not getattr(encoder, "frozen", False) or any(p.requires_grad for p in encoder.parameters()):
+            raise FeatureCacheError(
+                f"FeatureCacheCallback: the vision encoder of {type(pl_module).__name__} trains (frozen: false), so "
+                "its features change at every step and cached ones would leave it without gradient. Freeze the "
+                "encoder or remove the feature cache from trainer.callbacks."
+            )
         device = trainer.strategy.root_device
         original = next(iter(encoder.parameters())).device
         encoder.to(device)

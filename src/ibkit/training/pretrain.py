@@ -188,13 +188,23 @@ class Blip2PretrainModule(LightningModule):
         prefix, _ = special_token_frame(tok)
         return caption_lm_batch(caption_ids, eos, pad, bos_token_id=prefix[0] if prefix else None)
 
+    @staticmethod
+    def images(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch's images as the model takes them: ``pixel_values``, or the frozen encoder's cached
+        outputs as ``image_features`` (:class:`ibkit.training.callbacks.FeatureCacheCallback`); {} if none."""
+        for key in ("image_features", "pixel_values"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return {key: batch[key]}
+        return {}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if not isinstance(batch.get("pixel_values"), torch.Tensor):
+        images = self.images(batch)
+        if not images:
             log.warning("step %d: empty batch (all samples skipped)", self.global_step)
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
-        size = int(batch["pixel_values"].shape[0])
+        size = int(next(iter(images.values())).shape[0])
         if self.stage == 1:
-            out = self.model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+            out = self.model(**images, input_ids=batch["input_ids"],
                              attention_mask=batch["attention_mask"], image_ids=batch.get("image_ids"),
                              generator=self._generator(batch_idx, self.device))
             for name in ("itc", "itm", "itg"):
@@ -203,7 +213,7 @@ class Blip2PretrainModule(LightningModule):
             loss = out.loss
         else:
             lm = self.lm_batch(batch["caption_ids"], self._generator(batch_idx, "cpu"))
-            loss = self.model(pixel_values=batch["pixel_values"], **{k: v.to(self.device) for k, v in lm.items()}).loss
+            loss = self.model(**images, **{k: v.to(self.device) for k, v in lm.items()}).loss
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
         if self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=size)
@@ -219,7 +229,7 @@ class Blip2PretrainModule(LightningModule):
         self._images_seen = 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not isinstance(batch.get("pixel_values"), torch.Tensor):
+        if not self.images(batch):
             return
         if self.stage == 1:
             self._stage1_eval(batch)
@@ -228,7 +238,7 @@ class Blip2PretrainModule(LightningModule):
 
     def _stage1_eval(self, batch: dict[str, Any]) -> None:
         model, val = self.model, self._val
-        features = model.encode_images(batch["pixel_values"])  # ln_vision'd tokens
+        features = model.encode_images(**self.images(batch))  # ln_vision'd tokens
         val["images"].append(model.image_embeds(features).float().cpu())
         val["tokens"].append(features.cpu())
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
@@ -266,17 +276,18 @@ class Blip2PretrainModule(LightningModule):
 
     def _stage2_eval(self, batch: dict[str, Any], batch_idx: int) -> None:
         lm = self.lm_batch(batch["caption_ids"], step_generator(0, 0, batch_idx, self.global_rank))  # fixed splits
-        out = self.model(pixel_values=batch["pixel_values"], **{k: v.to(self.device) for k, v in lm.items()})
+        images = self.images(batch)
+        out = self.model(**images, **{k: v.to(self.device) for k, v in lm.items()})
         tokens = int((lm["labels"] != -100).sum())
         self._val["loss"].append((float(out.loss) * tokens, tokens))  # (sum, count): token-weighted over batches
         tok = self._tokenizer()
-        size = batch["pixel_values"].shape[0]
+        size = next(iter(images.values())).shape[0]
         if self.model.is_encoder_decoder:  # the empty prompt: "" + </s> into the encoder
             prompt = torch.full((size, 1), tok.eos_token_id, dtype=torch.long, device=self.device)
         else:
             prefix, _ = special_token_frame(tok)
             prompt = torch.tensor([prefix] * size, dtype=torch.long, device=self.device).view(size, len(prefix))
-        generated = self.model.generate(pixel_values=batch["pixel_values"], input_ids=prompt,
+        generated = self.model.generate(**images, input_ids=prompt,
                                         attention_mask=torch.ones_like(prompt), num_beams=1,
                                         max_new_tokens=self.caption_max_new_tokens, eos_token_id=tok.eos_token_id)
         self._cider.update([t.strip() for t in tok.batch_decode(generated, skip_special_tokens=True)], batch["answers"])
