@@ -83,3 +83,35 @@ def vision_word_loss(head: VisionWordHead, image_tokens: torch.Tensor, targets: 
         return logits.sum() * 0.0
     log_probs = F.log_softmax(logits[keep], dim=-1)
     return -((targets[keep] / counts[keep, None]) * log_probs).sum(-1).mean()
+
+
+def word_detection_metrics(word_logits: torch.Tensor, word_targets: torch.Tensor) -> dict[str, float]:
+    """How well images name their words: ``word_logits`` / ``word_targets`` (N images, V words), targets 0/1.
+
+    * ``word_map``: mean over words of the average precision of ranking the N images by that word's score
+      (the visual-concept metric of Fang et al.), over the words that some images have and some lack (a word
+      every caption has, such as "a", says nothing); ``word_map_chance`` is what random scores get (the mean
+      share of positives);
+    * ``word_recall``: per image, the share of its words among its top-|words| scores (R-precision), averaged.
+    """
+    logits, targets = word_logits.float(), word_targets.float()
+    positives = targets.sum(0)
+    informative = (positives > 0) & (positives < targets.shape[0])
+    results: dict[str, float] = {}
+    if informative.any():
+        scores, labels = logits[:, informative], targets[:, informative]
+        order = scores.argsort(dim=0, descending=True)
+        ranked = labels.gather(0, order)
+        ranks = torch.arange(1, ranked.shape[0] + 1, dtype=ranked.dtype)[:, None]
+        precision = ranked.cumsum(0) / ranks
+        average_precision = (precision * ranked).sum(0) / ranked.sum(0)
+        results["word_map"] = float(average_precision.mean())
+        results["word_map_chance"] = float((positives[informative] / targets.shape[0]).mean())
+    counts = targets.sum(1).long()
+    rows = counts > 0
+    if rows.any():
+        top = logits.argsort(dim=1, descending=True)
+        hits = targets.gather(1, top)
+        within = torch.arange(targets.shape[1])[None, :] < counts[:, None]
+        results["word_recall"] = float(((hits * within).sum(1)[rows] / counts[rows]).mean())
+    return results

@@ -1,4 +1,5 @@
-"""A transformers CLIP or SigLIP vision model, read from a local directory, as an ibkit vision encoder.
+"""A transformers CLIP or SigLIP vision model as an ibkit vision encoder: read from a local directory, or
+built with random weights from a config dict (a small tower to pretrain, e.g. the demo's swapped backbone).
 
 Layer semantics. transformers' ``hidden_states`` tuple has ``num_layers + 1`` entries:
 ``hidden_states[0]`` is the input of the first block (for CLIP that is *after* ``pre_layrnorm``;
@@ -48,6 +49,51 @@ def _vision_model_class(family: str) -> type[nn.Module]:
     return CLIPVisionModel if family == "clip" else SiglipVisionModel
 
 
+def _vision_config_class(family: str) -> type:
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    return CLIPVisionConfig if family == "clip" else SiglipVisionConfig
+
+
+#: ``config`` model types: the vision towers only (a full CLIP config nests its tower under vision_config)
+_CONFIG_TYPES = ("clip_vision_model", "siglip_vision_model")
+
+
+def vision_model_from_config(config: dict[str, Any]) -> tuple[nn.Module, str]:
+    """A random-weight fp32 ``CLIPVisionModel``/``SiglipVisionModel`` from a config dict, and its family.
+
+    transformers' configs accept any keyword silently; here an unknown field is an error naming it, so a
+    typo in YAML does not build a default-sized tower.
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"HFVisionEncoder config: expected a mapping, got {type(config).__name__}")
+    fields = dict(config)
+    model_type = fields.pop("model_type", None)
+    if model_type not in _CONFIG_TYPES:
+        raise ValueError(f"HFVisionEncoder config.model_type: {model_type!r} is not supported; expected one of "
+                         f"{list(_CONFIG_TYPES)}")
+    family = _SUPPORTED[model_type][0]
+    config_class = _vision_config_class(family)
+    known = set(config_class().to_dict()) - {"model_type", "transformers_version", "architectures", "_name_or_path"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"HFVisionEncoder config: unknown field(s) {unknown} for {model_type}; known: {sorted(known)}")
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                 "patch_size"):
+        value = fields.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"HFVisionEncoder config.{name}: expected a positive int, got {value!r}")
+    image, patch = fields.get("image_size"), fields.get("patch_size")
+    if image is not None and patch is not None and image % patch:
+        raise ValueError(f"HFVisionEncoder config.image_size: {image} is not a multiple of patch_size {patch}")
+    try:
+        hf_config = config_class(**fields)
+    except Exception as error:  # noqa: BLE001 - transformers' own checks (heads dividing hidden_size, types)
+        raise ValueError(f"HFVisionEncoder config: {error}") from error
+    model = _vision_model_class(family)(hf_config)
+    return model.float(), family
+
+
 def _fp32_load_kwargs() -> dict[str, Any]:
     import transformers
 
@@ -60,7 +106,11 @@ class HFVisionEncoder(VisionEncoder):
 
     Args:
         path: directory written by ``save_pretrained`` (a vision model or a full CLIP/SigLIP model). Read
-            with ``local_files_only``: never touches the network.
+            with ``local_files_only``: never touches the network. Exclusive with ``config``.
+        config: a transformers vision config as a dict, ``model_type`` ``clip_vision_model`` or
+            ``siglip_vision_model`` plus its fields (``hidden_size``, ``patch_size``, ...): a tower with random
+            weights, to train (``frozen: false``) or to fill with ``init_from`` (e.g. a pretrained
+            ``encoder.safetensors``). Unknown fields are errors.
         layer: block whose output is returned, Python-style (``-2`` = second-to-last); see the module doc.
         keep_cls: keep CLIP's class token in front of the patch tokens (SigLIP has none).
         frozen: no gradients and eval mode for good.
@@ -71,7 +121,8 @@ class HFVisionEncoder(VisionEncoder):
 
     def __init__(
         self,
-        path: str,
+        path: str | None = None,
+        config: dict[str, Any] | None = None,
         layer: int = -2,
         keep_cls: bool = True,
         frozen: bool = True,
@@ -80,32 +131,21 @@ class HFVisionEncoder(VisionEncoder):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__(frozen=frozen, compute_dtype=compute_dtype)
-        where = f"HFVisionEncoder({path!r})"
+        if (path is None) == (config is None):
+            raise ValueError("HFVisionEncoder needs exactly one of path (a save_pretrained directory) or config "
+                             "(a transformers vision config dict, random weights)")
+        where = f"HFVisionEncoder({path!r})" if path is not None else "HFVisionEncoder(config)"
         half = frozen_half_dtype(compute_dtype, frozen, where)
-        directory = Path(path)
-        config_file = directory / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(
-                f"{where}: {config_file} does not exist (expected a save_pretrained directory)"
-            )
-        model_type = self._read_model_type(config_file)
-        if model_type not in _SUPPORTED:
-            raise ValueError(
-                f"{config_file}: model_type {model_type!r} is not supported; expected one of {sorted(_SUPPORTED)}"
-            )
-        family, self.has_cls = _SUPPORTED[model_type]
-        self.path = str(directory)
+        self.path = str(path) if path is not None else None
+        self.config = dict(config) if config is not None else None
         self.keep_cls = keep_cls
-
-        model, info = _vision_model_class(family).from_pretrained(
-            str(directory), local_files_only=True, output_loading_info=True, **_fp32_load_kwargs()
-        )
-        missing = sorted(info.get("missing_keys") or [])
-        if missing:
-            raise ValueError(
-                f"{where}: the weights in {directory} lack {len(missing)} parameters of the vision model, "
-                f"e.g. {missing[:5]} (they would be random)"
-            )
+        file_mean = file_std = None
+        if config is not None:
+            model, family = vision_model_from_config(config)
+        else:
+            model, family = self._load(Path(path), where)
+            file_mean, file_std = self._read_preprocessor(Path(path) / "preprocessor_config.json")
+        self.has_cls = family == "clip"
         self.model = model
         vision = getattr(model, "vision_model", model)  # transformers < 5 nests the tower one level deeper
         layers = vision.encoder.layers
@@ -118,7 +158,6 @@ class HFVisionEncoder(VisionEncoder):
         self.width = int(model.config.hidden_size)
         self.image_size = int(model.config.image_size)
         default_mean, default_std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
-        file_mean, file_std = self._read_preprocessor(directory / "preprocessor_config.json")
         self.mean = three_floats(mean if mean is not None else file_mean or default_mean, f"{where} mean")
         self.std = three_floats(std if std is not None else file_std or default_std, f"{where} std")
 
@@ -126,6 +165,30 @@ class HFVisionEncoder(VisionEncoder):
             cast_with_fp32_norms(self.model, half)
         if frozen:
             self.freeze()
+
+    def _load(self, directory: Path, where: str) -> tuple[nn.Module, str]:
+        """The vision model of a save_pretrained directory (every parameter must be in its weights)."""
+        config_file = directory / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"{where}: {config_file} does not exist (expected a save_pretrained directory)"
+            )
+        model_type = self._read_model_type(config_file)
+        if model_type not in _SUPPORTED:
+            raise ValueError(
+                f"{config_file}: model_type {model_type!r} is not supported; expected one of {sorted(_SUPPORTED)}"
+            )
+        family = _SUPPORTED[model_type][0]
+        model, info = _vision_model_class(family).from_pretrained(
+            str(directory), local_files_only=True, output_loading_info=True, **_fp32_load_kwargs()
+        )
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise ValueError(
+                f"{where}: the weights in {directory} lack {len(missing)} parameters of the vision model, "
+                f"e.g. {missing[:5]} (they would be random)"
+            )
+        return model, family
 
     @staticmethod
     def _read_model_type(config_file: Path) -> str | None:
@@ -163,4 +226,5 @@ class HFVisionEncoder(VisionEncoder):
         return run_tower(self, pixel_values, self._tokens, dtype)
 
     def extra_repr(self) -> str:
-        return f"path={self.path!r}, layer={self.layer}, keep_cls={self.keep_cls}"
+        source = f"path={self.path!r}" if self.path is not None else f"config={self.config!r}"
+        return f"{source}, layer={self.layer}, keep_cls={self.keep_cls}"
