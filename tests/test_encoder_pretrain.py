@@ -219,13 +219,13 @@ def test_word_detection_metrics():
     assert worst["word_map"] == pytest.approx(1 / 3) and worst["word_recall"] < 1.0
 
 
-def test_demo_encoder_configs_build_and_match_the_stage1_encoder():
+def test_demo_encoder_configs_build_and_match_the_encoder_the_blip2_stages_freeze():
     from ibkit.app.config import build_from_config
 
-    stage1 = yaml.safe_load((CONFIGS / "stage1.yaml").read_text())
+    stage1 = yaml.safe_load((CONFIGS / "blip2_stage1.yaml").read_text())
     encoder = yaml.safe_load((CONFIGS / "encoder.yaml").read_text())
-    assert encoder["model"]["init_args"]["vision_encoder"] == stage1["model"]["model"]["init_args"]["vision_encoder"]
-    assert encoder["model"]["init_args"]["vision_words"] == stage1["model"]["vision_words"]
+    frozen = stage1["model"]["init_args"]["model"]["init_args"]["vision_encoder"]
+    assert encoder["model"]["init_args"]["vision_encoder"]["init_args"]["config"] == frozen["init_args"]["config"]
     assert encoder["data"]["init_args"]["sizes"] == stage1["data"]["init_args"]["sizes"]
     for name in ("encoder.yaml", "encoder_clip.yaml"):
         module, datamodule = build_from_config([CONFIGS / name])

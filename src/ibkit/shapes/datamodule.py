@@ -20,7 +20,8 @@ from ibkit.data.pretrain import PretrainData
 from ibkit.data.text import TextDataModule
 
 TINY_VOCAB_SIZE = 1024  # the tiny LLM/Q-Former configs use this vocabulary size
-TOKENIZER_VERSION = 2  # bump when the tokenizers change for the same data (2: punctuation split as counted)
+TOKENIZER_VERSION = 3  # bump when the tokenizers change for the same data (2: punctuation split as counted;
+# 3: ids and file names not counted as words)
 LLM_SPECIALS = ("<pad>", "</s>", "<unk>", "<s>")  # T5-like: pad 0, eos 1
 QFORMER_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # BERT-like: pad 0
 WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
@@ -28,12 +29,19 @@ TINY_TRAIN = ["shapes_caption", "shapes_vqa", "shapes_ocrvqa", "shapes_mcvqa"]
 TINY_EVAL = ["shapes_vsr", "shapes_nocaps"]
 
 
+# Annotation fields that are names of things, not text a model reads or writes: counted as words they would
+# fill most of the 1,024-word vocabulary with sample numbers ("000123") and file names.
+NOT_TEXT_FIELDS = frozenset({"id", "image", "video", "info"})
+
+
 def _strings(value: Any) -> Iterator[str]:
+    """Every string a model may read or write in an annotation file (``NOT_TEXT_FIELDS`` skipped)."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
+        for key, item in value.items():
+            if key not in NOT_TEXT_FIELDS:
+                yield from _strings(item)
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _strings(item)

@@ -200,3 +200,9 @@ class RunCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer: Any) -> set[str]:
         self._default_dir(trainer)
         return super()._find_last_checkpoints(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """``last.ckpt`` holds the final weights even when ``max_steps`` is not a multiple of
+        ``every_n_train_steps`` (Lightning would leave the last interval's): the next stage reads it."""
+        if self.save_last and trainer.global_step and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
