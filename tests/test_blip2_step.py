@@ -67,3 +67,30 @@ def test_step_projects_each_image_once_and_reuses_the_itc_queries_for_itg():
     itm_pairs = 4 + int((out.negative_texts >= 0).sum() + (out.negative_images >= 0).sum())
     assert seen["image"] == 4 * image_tokens  # each image's keys once, not once per pass and pair
     assert seen["query"] == (4 + itm_pairs) * model.num_query_tokens  # ITC and ITM; ITG runs the text only
+
+
+def test_step_runs_two_qformer_passes():
+    """ITC's query and text passes and ITG share one Q-Former pass (block mask); ITM is the other."""
+    model = tiny_stage1().train()
+    calls = []
+    hook = model.qformer.encoder.layer[0].attention.register_forward_hook(lambda *_: calls.append(1))
+    model(**caption_batch(4))
+    hook.remove()
+    assert len(calls) == 2
+
+
+def test_explicit_cpu_training_attention_equals_sdpa():
+    """Training on CPU with dropout computes attention explicitly; with a dropout that never drops it is
+    SDPA's attention (scale, additive padding mask, softmax)."""
+    from ibkit.models.qformer import QFormerAttentionCore, QFormerConfig
+
+    torch.manual_seed(0)
+    core = QFormerAttentionCore(QFormerConfig(hidden_size=32, num_attention_heads=4), kv_width=32)
+    q, k, v = (torch.randn(3, 4, n, 8) for n in (5, 7, 7))
+    mask = torch.zeros(3, 1, 1, 7).masked_fill(torch.rand(3, 1, 1, 7) < 0.3, torch.finfo(torch.float32).min)
+    mask[..., 0] = 0  # every row sees at least one key
+    core.train()
+    core.dropout = 1e-30  # takes the training path, drops nothing
+    got = core._attend(q, k, v, mask)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

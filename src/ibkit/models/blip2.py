@@ -278,7 +278,8 @@ class Blip2Stage1(nn.Module):
         negative images' tokens gathered with gradient, as LAVIS); ITG on the B captions.
 
         No pass repeats another's work (as LAVIS): image cross-attention keys/values are computed once for
-        ITC, ITM and ITG; ITG runs the text only, after the ITC query pass's keys/values (past_key_values).
+        ITC, ITM and ITG; ITG's text attends to the ITC queries' states (LAVIS's past_key_values), in one
+        Q-Former pass with ITC's query and text rows (fewer, larger ops; same values).
         """
         if input_ids is None:
             raise ValueError("stage 1 needs captions (input_ids)")
@@ -289,11 +290,12 @@ class Blip2Stage1(nn.Module):
         batch = tokens.shape[0]
         image_kv = self.qformer.image_keys_values(tokens)
 
-        # ITC: unimodal passes; the query pass's self-attention keys/values are kept for ITG
-        queries = self._queries(batch)
-        query_hidden, query_kv = self.qformer.forward_hidden(queries, None, image_kv=image_kv, record=True)
+        # ITC's query and text passes and ITG's pass in one (QFormer.forward_itc_itg: a block mask)
+        dec_ids, dec_labels = self.decoder_inputs(input_ids, attention_mask)
+        query_hidden, dec_hidden, text_hidden = self.qformer.forward_itc_itg(self._queries(batch), image_kv,
+                                                                             input_ids, dec_ids, attention_mask)
         image_feats = F.normalize(self.vision_projection(query_hidden), dim=-1)
-        text_feats = self.text_embeds(input_ids, attention_mask)
+        text_feats = F.normalize(self.text_projection(text_hidden[:, 0]), dim=-1)
         itc = itc_loss(image_feats, text_feats, self.temp, self.itc_label_smoothing, self.gather_with_grad)
 
         # ITM: hard negatives from all ranks
@@ -326,10 +328,8 @@ class Blip2Stage1(nn.Module):
         labels = torch.cat((torch.ones(batch, dtype=torch.long), torch.zeros(negatives, dtype=torch.long)))
         loss_itm = itm_loss(self.itm_logits(None, itm_ids, itm_mask, image_kv=itm_kv), labels.to(tokens.device))
 
-        # ITG: captioning under the multimodal causal mask, the text after the ITC pass's queries
-        dec_ids, dec_labels = self.decoder_inputs(input_ids, attention_mask)
-        text_hidden = self.qformer.forward_text_after_queries(dec_ids, attention_mask, query_kv)
-        logits = self.lm_head(text_hidden, self.qformer.embeddings.word_embeddings.weight)
+        # ITG: captioning under the multimodal causal mask (its states came with ITC's)
+        logits = self.lm_head(dec_hidden, self.qformer.embeddings.word_embeddings.weight)
         loss_itg = itg_loss(logits, dec_labels, self.itg_label_smoothing)
 
         return Blip2Stage1Output(

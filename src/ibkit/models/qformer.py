@@ -71,26 +71,41 @@ class QFormerAttentionCore(nn.Module):
         """Keys and values (B, heads, N, head_dim) of ``kv``: what a later pass may reuse."""
         return self._heads(self.key(kv)), self._heads(self.value(kv))
 
+    def _self_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, KeysValues]:
+        """Queries, keys and values of ``x`` in one matmul (the three weights concatenated per call):
+        one autocast copy of ``x`` and one larger GEMM instead of three (the Q-Former is narrow, so its
+        steps are bound by the number of ops, not their FLOPs)."""
+        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+        q, k, v = F.linear(x, weight, bias).chunk(3, dim=-1)
+        return self._heads(q), (self._heads(k), self._heads(v))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Scaled-dot-product attention. Training on CPU with dropout computes it as matmul, softmax,
+        dropout, matmul: SDPA has no fused CPU kernel with dropout and falls back to the same math with
+        extra ops (mask casts, a fully-masked-row check), about 1.4x slower for the Q-Former's shapes."""
+        p = self.dropout if self.training else 0.0
+        if p == 0.0 or q.device.type != "cpu":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1))
+        if mask is not None:  # in the scores' dtype, as SDPA does (no row is fully masked: no NaN)
+            scores = scores + mask.to(scores.dtype)
+        return torch.matmul(F.dropout(scores.softmax(-1), p), v)
+
     def forward(
         self,
         x: torch.Tensor,
         kv: torch.Tensor | KeysValues,
         mask: torch.Tensor | None,
-        prefix: KeysValues | None = None,
-        record: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, KeysValues]:
-        """``kv``: the tokens to attend to, or their :meth:`keys_values` computed once for several passes.
-        ``prefix``: keys/values of earlier positions put before this pass's own (BLIP-2's ITG text attends
-        to the query pass's). ``record``: also return this pass's own keys/values."""
-        own = kv if isinstance(kv, tuple) else self.keys_values(kv)
-        k, v = own
-        if prefix is not None:
-            k, v = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)
-        out = F.scaled_dot_product_attention(
-            self._heads(self.query(x)), k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        out = out.transpose(1, 2).reshape(*x.shape[:2], self.num_heads * self.head_dim)  # explicit: 0 queries work
-        return (out, own) if record else out
+    ) -> torch.Tensor:
+        """``kv``: the tokens to attend to (``x`` itself: self-attention), or their :meth:`keys_values`
+        computed once for several passes."""
+        if kv is x:
+            q, (k, v) = self._self_projections(x)
+        else:
+            q, (k, v) = self._heads(self.query(x)), kv if isinstance(kv, tuple) else self.keys_values(kv)
+        out = self._attend(q, k, v, mask)
+        return out.transpose(1, 2).reshape(*x.shape[:2], self.num_heads * self.head_dim)  # explicit: 0 queries work
 
 
 class QFormerResidualOutput(nn.Module):
@@ -117,14 +132,8 @@ class QFormerAttention(nn.Module):
         x: torch.Tensor,
         kv: torch.Tensor | KeysValues | None = None,
         mask: torch.Tensor | None = None,
-        prefix: KeysValues | None = None,
-        record: bool = False,
-    ):
-        """``record=True`` returns (output, this pass's keys/values); see :class:`QFormerAttentionCore`."""
-        out = self.attention(x, x if kv is None else kv, mask, prefix, record)
-        if record:
-            return self.output(out[0], x), out[1]
-        return self.output(out, x)
+    ) -> torch.Tensor:
+        return self.output(self.attention(x, x if kv is None else kv, mask), x)
 
 
 class QFormerIntermediate(nn.Module):
@@ -158,21 +167,16 @@ class QFormerLayer(nn.Module):
         self_mask: torch.Tensor | None,
         image_tokens: torch.Tensor | KeysValues | None,
         num_queries: int,
-        prefix: KeysValues | None = None,
-        record: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, KeysValues]:
-        """``image_tokens`` may be this layer's cross-attention keys/values; ``prefix`` / ``record``: the
-        self-attention's (:class:`QFormerAttentionCore`); ``record`` returns (hidden, keys/values)."""
-        hidden = self.attention(hidden, mask=self_mask, prefix=prefix, record=record)
-        if record:
-            hidden, own = hidden
+    ) -> torch.Tensor:
+        """``image_tokens`` may be this layer's cross-attention keys/values."""
+        hidden = self.attention(hidden, mask=self_mask)
         queries, text = hidden[:, :num_queries], hidden[:, num_queries:]
         if self.has_cross_attention and num_queries > 0:  # a text-only pass has no image to attend to
             queries = self.crossattention(queries, kv=image_tokens)
         queries = self.output_query(self.intermediate_query(queries), queries)
         if text.shape[1] > 0:
             queries = torch.cat((queries, self.output(self.intermediate(text), text)), dim=1)
-        return (queries, own) if record else queries
+        return queries
 
 
 class QFormerEmbeddings(nn.Module):
@@ -222,7 +226,11 @@ class QFormer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def embed(self, queries: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self, queries: torch.Tensor, input_ids: torch.Tensor | None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """LayerNorm(dropout) of [queries ; text embeddings]; ``positions`` (L,): the text's position ids
+        (default 0 .. L-1; several texts side by side each count from 0)."""
         emb = self.embeddings
         if input_ids is not None and input_ids.shape[1] > 0:
             if not self.config.instruction_aware:
@@ -232,7 +240,8 @@ class QFormer(nn.Module):
                     f"instruction of {input_ids.shape[1]} tokens exceeds the Q-Former's {self.config.max_position_embeddings} "
                     "positions: truncate it (the collator's max_qformer_len)"
                 )
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            if positions is None:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             text = emb.word_embeddings(input_ids) + emb.position_embeddings(positions)
             hidden = torch.cat((queries.to(text.dtype), text), dim=1)
         else:
@@ -257,8 +266,7 @@ class QFormer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         causal: bool = False,
         image_kv: Sequence[KeysValues | None] | None = None,
-        record: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[KeysValues]]:
+    ) -> torch.Tensor:
         """The whole last-layer sequence [queries ; instruction] (B, Q + L, hidden).
 
         With zero queries (``queries`` of shape (B, 0, hidden)) the text path is a plain BERT encoder
@@ -267,8 +275,7 @@ class QFormer(nn.Module):
         queries only, each text token sees every query and the text up to itself.
 
         ``image_kv`` (from :meth:`image_keys_values`) replaces ``image_tokens``: the image's
-        cross-attention keys/values computed once for several passes. ``record=True`` also returns every
-        layer's self-attention keys/values (what :meth:`forward_text_after_queries` reuses).
+        cross-attention keys/values computed once for several passes.
         """
         if not self.config.instruction_aware:
             input_ids, attention_mask = None, None
@@ -284,7 +291,7 @@ class QFormer(nn.Module):
         if image_kv is None:
             image_tokens = image_tokens.to(hidden.dtype) if image_tokens is not None else None
             image_kv = [image_tokens] * len(self.encoder.layer)
-        return self._run_layers(hidden, self_mask, image_kv, num_queries, None, record)
+        return self._run_layers(hidden, self_mask, image_kv, num_queries)
 
     def _run_layers(
         self,
@@ -292,22 +299,14 @@ class QFormer(nn.Module):
         self_mask: torch.Tensor | None,
         image: Sequence[torch.Tensor | KeysValues | None],
         num_queries: int,
-        prefix: Sequence[KeysValues] | None,
-        record: bool,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[KeysValues]]:
-        recorded: list[KeysValues] = []
+    ) -> torch.Tensor:
         for i, layer in enumerate(self.encoder.layer):
-            args = (hidden, self_mask, image[i], num_queries, None if prefix is None else prefix[i], record)
+            args = (hidden, self_mask, image[i], num_queries)
             if self.gradient_checkpointing and self.training and hidden.requires_grad:
-                out = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+                hidden = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                out = layer(*args)
-            if record:
-                hidden, own = out
-                recorded.append(own)
-            else:
-                hidden = out
-        return (hidden, recorded) if record else hidden
+                hidden = layer(*args)
+        return hidden
 
     def image_keys_values(self, image_tokens: torch.Tensor) -> list[KeysValues | None]:
         """Every cross-attention layer's keys/values of ``image_tokens`` (None for the other layers).
@@ -322,22 +321,29 @@ class QFormer(nn.Module):
             for layer in self.encoder.layer
         ]
 
-    def forward_text_after_queries(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, query_kv: Sequence[KeysValues]
-    ) -> torch.Tensor:
-        """The text rows (B, L, hidden) of a ``causal=True`` pass, given the query pass's recorded keys/values.
+    def forward_itc_itg(
+        self,
+        queries: torch.Tensor,
+        image_kv: Sequence[KeysValues | None],
+        input_ids: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """BLIP-2's ITC query pass, ITC text pass and ITG pass as one pass over [queries ; ITG text ; text].
 
-        Under the multimodal causal mask the queries never see the text, so their states are those of
-        the query-only pass; reusing its self-attention keys/values (``forward_hidden(..., record=True)``,
-        LAVIS's ``past_key_values``) leaves only the text to compute, and no cross-attention.
+        A block mask keeps the three apart: queries see the queries only (so their states are the
+        query-only pass's, which ITG reuses as LAVIS does with past_key_values), ITG text sees the queries
+        and earlier ITG text, ITC text sees the (non-padding) ITC text only. Same values as three passes,
+        but one set of ops with 2x-3x the rows each: the narrow Q-Former's step is bound by its op count.
+        Returns (query states (B, Q, H), ITG text states (B, L, H), ITC text states (B, L, H)).
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        num_queries = query_kv[0][0].shape[2]
-        empty = self.embeddings.layernorm.weight.new_zeros(input_ids.shape[0], 0, self.config.hidden_size)
-        hidden = self.embed(empty, input_ids)
-        self_mask = _self_attention_mask(attention_mask, num_queries, num_queries, True, hidden.dtype)
-        return self._run_layers(hidden, self_mask, [None] * len(self.encoder.layer), 0, query_kv, False)
+        length = input_ids.shape[1]
+        positions = torch.arange(length, device=input_ids.device).repeat(2)
+        hidden = self.embed(queries, torch.cat((decoder_input_ids, input_ids), 1), positions)
+        num_queries = queries.shape[1]
+        mask = _itc_itg_mask(attention_mask, num_queries, hidden.dtype)
+        hidden = self._run_layers(hidden, mask, image_kv, num_queries)
+        return hidden[:, :num_queries], hidden[:, num_queries : num_queries + length], hidden[:, num_queries + length :]
 
 
 def select_kv_rows(layers: Sequence[KeysValues | None], rows: torch.Tensor) -> list[KeysValues | None]:
@@ -368,3 +374,18 @@ def _self_attention_mask(
         keep = keep & sees
     mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
     return mask.masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def _itc_itg_mask(attention_mask: torch.Tensor, num_queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (B, 1, T, T) mask of :meth:`QFormer.forward_itc_itg` over [queries ; ITG text ; ITC text]."""
+    length = attention_mask.shape[1]
+    device = attention_mask.device
+    segment = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate((num_queries, length, length))])
+    position = torch.arange(segment.shape[0], device=device)
+    row, key = segment[:, None], segment[None, :]
+    earlier = position[None, :] <= position[:, None]
+    sees = (row == key) & ((row != 1) | earlier)  # each part sees itself; ITG text causally
+    sees |= (row == 1) & (key == 0)  # ITG text also sees every query
+    valid = torch.cat((attention_mask.new_ones(attention_mask.shape[0], num_queries), attention_mask, attention_mask), 1)
+    keep = sees[None, None] & valid.bool()[:, None, None, :]
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
