@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/python -m ibkit demo --output_dir outputs/demo
 
 ablation: $(STAMP)
-	$(BIN)/python -m ibkit demo --output_dir outputs/ablation --ablation true --stage2_steps 1100
+	$(BIN)/python -m ibkit demo --output_dir outputs/ablation --ablation true
 
 bench: $(STAMP)
 	$(BIN)/python -m ibkit bench --size small --output_dir outputs/bench

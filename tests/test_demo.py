@@ -58,7 +58,7 @@ def test_demo_configs_share_their_data_and_their_networks():
 
 @pytest.mark.slow
 def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
-    sizes = "{train: 12, val: 6, test: 6, shapes_vqa.val: 12, shapes_text.train: 48, shapes_text.val: 12}"
+    sizes = "{train: 12, val: 6, test: 6, shapes_vqa.val: 12, shapes_text.train: 160, shapes_text.val: 12}"
     steps = {step: 2 for step in ("encoder", "lm", *STAGES)}
     results = run_demo(tmp_path, steps=steps, max_eval_samples=4, sizes=sizes)
     check_results(results)

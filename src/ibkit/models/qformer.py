@@ -74,7 +74,10 @@ class QFormerAttentionCore(nn.Module):
     def _self_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, KeysValues]:
         """Queries, keys and values of ``x`` in one matmul (the three weights concatenated per call):
         one autocast copy of ``x`` and one larger GEMM instead of three (the Q-Former is narrow, so its
-        steps are bound by the number of ops, not their FLOPs)."""
+        steps are bound by the number of ops, not their FLOPs). Projections wrapped by an adapter (LoRA)
+        are called one by one, so the adapter's update is applied."""
+        if not all(type(p) is nn.Linear for p in (self.query, self.key, self.value)):
+            return self._heads(self.query(x)), (self._heads(self.key(x)), self._heads(self.value(x)))
         weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
         bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
         q, k, v = F.linear(x, weight, bias).chunk(3, dim=-1)
