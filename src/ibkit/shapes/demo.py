@@ -149,11 +149,11 @@ class Pipeline:
         starts = [self.encoder_weights, self.ckpt("blip2_stage1")]
         self.fit("blip2_stage2", "blip2_stage2", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts)])
 
-    def instruct(self, extra: Sequence[str] = ()) -> None:
+    def instruct(self, extra: Sequence[str] = (), export: bool = False) -> None:
         starts = [self.encoder_weights, self.ckpt("blip2_stage1"), self.ckpt("blip2_stage2")]
         cache = f"--trainer.callbacks.init_args.cache_dir={self.out / 'cache'}"  # the last callback: the cache
         self.fit("instruct", "instruct", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts), cache,
-                                          *extra])
+                                          *extra], export=export)
 
     def evaluate(self, model: str, extra: Sequence[str] = ()) -> Path:
         """``ibkit test`` of ``model`` ("blip2" or "instructblip"), built from the instruction-tuning config."""
@@ -221,7 +221,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     clock = StepClock()
     for name, step in (("encoder", pipeline.encoder), ("lm", pipeline.language_model),
                        ("blip2_stage1", pipeline.blip2_stage1), ("blip2_stage2", pipeline.blip2_stage2),
-                       ("instruct", pipeline.instruct)):
+                       ("instruct", lambda: pipeline.instruct(export=True))):
         step()
         clock.done(STEP_LABELS[name])
     heldout, heldin = {}, {}
