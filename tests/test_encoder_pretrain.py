@@ -232,3 +232,25 @@ def test_demo_encoder_configs_build_and_match_the_encoder_the_blip2_stages_freez
         assert isinstance(module, EncoderPretrainModule) and not module.vision_encoder.frozen
         assert module.vision_encoder.image_size == 64
         assert type(datamodule).__name__ == "TinyShapesPretrainDataModule"
+
+
+def test_init_from_in_order_warns_once_about_what_no_file_covers(tmp_path, caplog):
+    """An encoder file and a stage checkpoint each cover part of the model: one warning, naming what neither has."""
+    from ibkit.convert.weights import load_initial_weights_in_order
+
+    qformer = QFormerConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    source = Blip2Stage1(_eva(frozen=True), qformer, num_query_tokens=2, embed_dim=8, dec_token_id=VOCAB - 1)
+    encoder_file, qformer_file = tmp_path / "encoder.safetensors", tmp_path / "qformer.safetensors"
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file({k: v for k, v in state.items() if k.startswith("vision_encoder.")}, str(encoder_file))
+    save_file({k: v for k, v in state.items() if k.startswith("qformer.")}, str(qformer_file))
+    target = Blip2Stage1(_eva(frozen=True), qformer, num_query_tokens=2, embed_dim=8, dec_token_id=VOCAB - 1)
+    with caplog.at_level("WARNING", logger="ibkit.convert.weights"):
+        covered = load_initial_weights_in_order(target, [encoder_file, qformer_file])
+    warnings = [r.getMessage() for r in caplog.records if "left at their initial values" in r.getMessage()]
+    assert len(warnings) == 1 and "'query_tokens'" in warnings[0] and "'qformer." not in warnings[0]
+    assert {k for k in state if k.startswith(("vision_encoder.", "qformer."))} <= covered
+    assert torch.equal(target.qformer.state_dict()["encoder.layer.0.attention.attention.query.weight"],
+                       source.qformer.state_dict()["encoder.layer.0.attention.attention.query.weight"])

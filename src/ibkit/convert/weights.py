@@ -55,7 +55,7 @@ def folder_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_initial_weights(
-    model: InstructBLIP | Blip2Stage1, path: str | Path, fold_token_type: bool = True
+    model: InstructBLIP | Blip2Stage1, path: str | Path, fold_token_type: bool = True, warn: bool = True
 ) -> dict[str, list[str]]:
     """Copy weights into ``model`` from a transformers/ibkit directory, an ibkit ``.safetensors`` file,
     an ibkit training ``.ckpt``, a LAVIS ``.pth`` (EVA ViT, BLIP-2 or InstructBLIP) or a BERT folder
@@ -110,9 +110,28 @@ def load_initial_weights(
     trainable_missing = sorted(set(missing) & persistent_keys(model))
     log.info("init_from %s: loaded %d tensors, %d not in the file (%d of them trainable), %d unused",
              path, len(loaded), len(missing), len(trainable_missing), len(unexpected))
-    if trainable_missing:
+    if trainable_missing and warn:
         log.warning("init_from %s: trainable weights left at their initial values: %s", path, trainable_missing[:10])
     return {"loaded": loaded, "missing": missing, "unexpected": unexpected, "initialised": []}
+
+
+def load_initial_weights_in_order(
+    model: InstructBLIP | Blip2Stage1, sources: str | Path | list[str | Path] | None, fold_token_type: bool = True
+) -> set[str]:
+    """``init_from`` as a list: each source in order (a later one wins where two hold a tensor), then ONE
+    warning naming the trainable tensors that no source covered. (Each file alone covers part of a model by
+    design, e.g. an encoder file then a stage checkpoint, so a warning per file would only be noise.)
+    Returns the names loaded or deliberately initialised."""
+    sources = [sources] if isinstance(sources, (str, Path)) else list(sources or [])
+    covered: set[str] = set()
+    for source in sources:
+        report = load_initial_weights(model, source, fold_token_type=fold_token_type, warn=False)
+        covered.update(report["loaded"], report["initialised"])
+    left = sorted(persistent_keys(model) - covered)
+    if sources and left:
+        log.warning("init_from %s: trainable weights left at their initial values: %s%s", [str(s) for s in sources],
+                    left[:10], f" and {len(left) - 10} more" if len(left) > 10 else "")
+    return covered
 
 
 def uninitialised_qformer_tensors(model: InstructBLIP, covered: set[str], allow: bool | list[str] = False) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 
-from ibkit.convert.weights import check_qformer_initialised, load_initial_weights
+from ibkit.convert.weights import check_qformer_initialised, load_initial_weights_in_order
 from ibkit.data.collate import IGNORE_INDEX, is_empty, model_inputs
 from ibkit.eval.evaluator import Evaluator, predict_records
 from ibkit.models.instructblip import InstructBLIP
@@ -210,10 +210,7 @@ class InstructBLIPModule(LightningModule):
             resolve_dtype(self.vision_dtype)
             self.model.vision_encoder.compute_dtype = self.vision_dtype
         sources = [self.init_from] if isinstance(self.init_from, str) else list(self.init_from or [])
-        covered: set[str] = set()
-        for source in sources:
-            report = load_initial_weights(self.model, source, fold_token_type=self.fold_bert_token_type)
-            covered.update(report["loaded"], report["initialised"])
+        covered = load_initial_weights_in_order(self.model, sources, fold_token_type=self.fold_bert_token_type)
         if sources and self.pretrained is None:  # a pretrained folder brought the whole Q-Former
             check_qformer_initialised(self.model, covered, [str(s) for s in sources], self.allow_uninitialized)
         if self.checkpoint_llm_blocks:

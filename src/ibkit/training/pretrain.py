@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 
-from ibkit.convert.weights import load_initial_weights
+from ibkit.convert.weights import load_initial_weights_in_order
 from ibkit.data.tokenize import special_token_frame
 from ibkit.eval.metrics import CIDEr
 from ibkit.eval.retrieval import reranked_recall, retrieval_recall
@@ -142,9 +142,7 @@ class Blip2PretrainModule(LightningModule):
             raise TypeError(f"Blip2PretrainModule trains a Blip2Stage1 or an InstructBLIP, not {type(self.model).__name__}")
         if self.vision_dtype is not None:
             self.model.vision_encoder.compute_dtype = self.vision_dtype
-        sources = [self.init_from] if isinstance(self.init_from, str) else list(self.init_from or [])
-        for source in sources:
-            load_initial_weights(self.model, source)
+        load_initial_weights_in_order(self.model, self.init_from)
         self._prepared = True
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("BLIP-2 stage %d: %s trainable parameters", self.stage, f"{trainable:,}")
