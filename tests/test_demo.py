@@ -72,6 +72,8 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
     # the encoder's weights reached the frozen encoder of every later stage, through encoder.safetensors
     assert (tmp_path / "encoder" / "model" / "encoder.safetensors").is_file()
     assert (tmp_path / "instruct" / "model" / "config.json").is_file()  # the instruction-tuned model, exported
+    # every stage with the frozen encoder read its features from the cache beside the data
+    assert {"shapes_caption", "shapes_vqa"} <= {d.name for d in (tmp_path / "cache").iterdir()}
     # BLIP-2 and InstructBLIP were evaluated on the same samples with the same prompts
     prompts = {}
     for model in MODELS:

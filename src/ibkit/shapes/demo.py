@@ -142,18 +142,25 @@ class Pipeline:
         llm = self.out / "tokenizers" / "llm"
         self.fit("lm", "lm", [f"--model.init_args.tokenizer={llm}"], export=True, swappable=False)
 
+    @property
+    def _cache(self) -> str:
+        """The frozen-feature cache beside the data (the last callback of the stage configs); keyed by the
+        encoder's weights, so both encoder arms share the folder without sharing entries."""
+        return f"--trainer.callbacks.init_args.cache_dir={self.out / 'cache'}"
+
     def blip2_stage1(self) -> None:
-        self.fit("blip2_stage1", "blip2_stage1", [*self._tokenizers(llm=False), *self._init_from([self.encoder_weights])])
+        self.fit("blip2_stage1", "blip2_stage1", [*self._tokenizers(llm=False), *self._init_from([self.encoder_weights]),
+                                                  self._cache])
 
     def blip2_stage2(self) -> None:
         starts = [self.encoder_weights, self.ckpt("blip2_stage1")]
-        self.fit("blip2_stage2", "blip2_stage2", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts)])
+        self.fit("blip2_stage2", "blip2_stage2", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
+                                                  self._cache])
 
     def instruct(self, extra: Sequence[str] = (), export: bool = False) -> None:
         starts = [self.encoder_weights, self.ckpt("blip2_stage1"), self.ckpt("blip2_stage2")]
-        cache = f"--trainer.callbacks.init_args.cache_dir={self.out / 'cache'}"  # the last callback: the cache
-        self.fit("instruct", "instruct", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts), cache,
-                                          *extra], export=export)
+        self.fit("instruct", "instruct", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
+                                          self._cache, *extra], export=export)
 
     def evaluate(self, model: str, extra: Sequence[str] = ()) -> Path:
         """``ibkit test`` of ``model`` ("blip2" or "instructblip"), built from the instruction-tuning config."""
