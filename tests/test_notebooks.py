@@ -4,7 +4,6 @@ and ablation.json through ibkit.shapes.report; ibkit.shapes.plotting reads loss 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -13,14 +12,7 @@ import nbclient
 import nbformat
 import pytest
 
-from ibkit.shapes.plotting import (
-    check_results,
-    load_results,
-    plot_demo,
-    read_loss_curve,
-    results_rows,
-    results_table,
-)
+from ibkit.shapes.plotting import check_curves, read_loss_curve
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -155,14 +147,6 @@ def _write_csvlogger(save_dir: Path, name: str, losses: list[float]) -> Path:
     return Path(logger.log_dir) / "metrics.csv"
 
 
-DEMO_RESULTS = {
-    "stage1": {"shapes_vsr": {"accuracy": 0.61}, "shapes_nocaps": {"cider": 0.42}},
-    "stage2": {"shapes_vsr": {"accuracy": 0.73}, "shapes_nocaps": {"cider": 0.97}},
-    "chance": {"shapes_vsr": 0.5, "shapes_nocaps": 0.0},
-    "ablations": {"blip2_qformer": {"shapes_vsr": {"mean": 0.66, "std": 0.03}}},
-}
-
-
 def test_results_notebook_reads_demo_outputs(kernel_env):
     """The pipeline demo's results.json; each step's curve from its folder beside it (or CURVES)."""
     from test_report import RESULTS
@@ -219,69 +203,10 @@ def test_read_loss_curve_names_the_file_and_the_problem(tmp_path):
         read_loss_curve(bad)
 
 
-def test_results_rows_line_up_stages_chance_and_ablations():
-    rows = {row["dataset"]: row for row in results_rows(DEMO_RESULTS)}
-    vsr = DEMO_RESULTS["stage2"]["shapes_vsr"]["accuracy"]
-    assert rows["shapes_vsr"]["stage2"] == vsr
-    assert rows["shapes_vsr"]["chance"] == DEMO_RESULTS["chance"]["shapes_vsr"]
-    assert rows["shapes_vsr"]["blip2_qformer"] == (0.66, 0.03)
-    assert rows["shapes_nocaps"]["blip2_qformer"] is None  # the ablation did not evaluate it
-    table = results_table(DEMO_RESULTS)
-    assert table.splitlines()[0] == "| dataset | metric | stage1 | stage2 | chance | blip2_qformer |"
-    assert "| shapes_nocaps | cider | 0.420 | 0.970 | 0.000 | - |" in table
-
-
-@pytest.mark.parametrize(
-    ("results", "field"),
-    [
-        ({"stage1": {"shapes_vsr": {"accuracy": "high"}}}, "results['stage1']['shapes_vsr']['accuracy']"),
-        ({"stage1": {"shapes_vsr": 0.5}}, "results['stage1']['shapes_vsr']"),
-        ({"chance": {"shapes_vsr": None}}, "results['chance']['shapes_vsr']"),
-        ({"ablations": {"a": {"shapes_vsr": {"std": 0.1}}}}, "results['ablations']['a']['shapes_vsr']"),
-        ({"stage1": {}, "ablations": {"stage1": {}}}, "may not be called 'stage1'"),
-    ],
-)
-def test_bad_results_name_the_field(results, field):
-    with pytest.raises(ValueError) as error:
-        check_results(results)
-    assert field in str(error.value)
-
-
-def test_load_results_names_the_file(tmp_path):
-    good = tmp_path / "results.json"
-    good.write_text(json.dumps(DEMO_RESULTS))
-    assert load_results(good) == DEMO_RESULTS
-    broken = tmp_path / "broken.json"
-    broken.write_text("{not json")
-    with pytest.raises(ValueError, match=r"broken\.json: "):
-        load_results(broken)
-    wrong = tmp_path / "wrong.json"
-    wrong.write_text(json.dumps({"chance": {"shapes_vsr": "half"}}))
-    with pytest.raises(
-        ValueError, match=r"wrong\.json: results\['chance'\]\['shapes_vsr'\] must be a number"
-    ):
-        load_results(wrong)
-
-
-def test_plot_demo_writes_a_two_panel_png(tmp_path):
-    from PIL import Image
-
-    curves = {
-        "stage1": [(s, 3.0 * math.exp(-s / 5)) for s in range(20)],
-        "stage2": [(s, 1.0 / (s + 1)) for s in range(8)],
-    }
-    out = plot_demo(DEMO_RESULTS, curves, tmp_path / "sub" / "demo.png")
-    assert out == tmp_path / "sub" / "demo.png"
-    data = out.read_bytes()
-    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
-    with Image.open(out) as image:
-        width, height = image.size
-    assert width > 2 * height  # two panels side by side
-    # a results dict without ablations, and empty curves, still draw
-    minimal = {key: DEMO_RESULTS[key] for key in ("stage1", "stage2", "chance")}
-    assert plot_demo(minimal, {"stage1": [], "stage2": []}, tmp_path / "minimal.png").stat().st_size > 0
+def test_bad_curves_name_the_step_and_the_point():
+    check_curves({"encoder": [(0, 1.0), (10, 0.5)], "lm": []})
     with pytest.raises(ValueError, match=r"curves\['stage1'\]\[0\]"):
-        plot_demo(minimal, {"stage1": [(0, "x")]}, tmp_path / "bad.png")
+        check_curves({"stage1": [(0, "x")]})
 
 
 def test_results_notebook_adds_the_ablation_file(kernel_env):

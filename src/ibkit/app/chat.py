@@ -104,7 +104,7 @@ def chat(
     """Ask a model about images in the terminal: /image PATH, then questions; /help lists the commands.
 
     Args:
-        model: the model folder (e.g. outputs/demo/stage2/model).
+        model: the model folder (e.g. outputs/demo/instruct/model).
         checkpoint: an ``ibkit fit`` checkpoint whose trained weights go over the folder.
         image: an image to start with.
         generation: generation settings over the default (5 beams, up to 256 new tokens), e.g. '{num_beams: 1}'.

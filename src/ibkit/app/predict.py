@@ -91,7 +91,7 @@ def predict(
 ) -> int:
     """Answer a file of questions (or one --question over a folder of --images) and write a JSONL of answers.
 
-    Example: ibkit predict answers.jsonl --model.pretrained outputs/demo/stage2/model --questions questions.jsonl
+    Example: ibkit predict answers.jsonl --model.pretrained outputs/demo/instruct/model --questions questions.jsonl
 
     Args:
         output: the JSONL written (appended to: ids already in it are skipped, so a rerun resumes).

@@ -151,7 +151,7 @@ def serve(
     """A local web page (upload an image, ask, see the answer and settings) and JSON API on 127.0.0.1.
 
     Args:
-        model: the model folder (e.g. outputs/demo/stage2/model).
+        model: the model folder (e.g. outputs/demo/instruct/model).
         port: the port on 127.0.0.1 (0: any free one).
         checkpoint: an ``ibkit fit`` checkpoint whose trained weights go over the folder.
         generation: generation settings over the default (5 beams, up to 256 new tokens).
