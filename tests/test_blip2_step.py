@@ -94,3 +94,14 @@ def test_explicit_cpu_training_attention_equals_sdpa():
     got = core._attend(q, k, v, mask)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_step_takes_captions_up_to_the_qformer_positions_and_names_longer_ones():
+    """ITC and ITG texts sit side by side in one pass, each counting positions from 0: a caption may use
+    every position (the limit is per text, not for the two together); one token more is a clear error."""
+    model = tiny_stage1().train()
+    limit = model.qformer_config.max_position_embeddings
+    out = model(**caption_batch(4, length=limit))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match=f"{limit + 1} tokens exceeds the Q-Former's {limit} positions"):
+        model(**caption_batch(4, length=limit + 1))

@@ -8,8 +8,17 @@ import re
 
 import pytest
 
-from ibkit.shapes.scenes import NOVEL_PAIRS, RELATIONS, TRAIN_PAIRS, qa_pool, relation_holds, sample_scene
-from ibkit.shapes.text_corpus import KINDS, TEXT_CORPUS, describe, make_item, make_records, position_bins
+from ibkit.shapes.scenes import (
+    NOVEL_PAIRS,
+    RELATIONS,
+    TRAIN_PAIRS,
+    describe,
+    position_bins,
+    qa_pool,
+    relation_holds,
+    sample_scene,
+)
+from ibkit.shapes.text_corpus import KINDS, TEXT_CORPUS, make_item, make_records
 
 SENTENCE = re.compile(r"An? (small|large) (\w+) (\w+) (?:on the|at the|in the) ?(top|bottom)? ?(left|right|middle)?\.")
 
@@ -115,3 +124,17 @@ def test_unknown_corpus_split_is_refused():
 
     with pytest.raises(ValueError, match="shapes_text.test"):
         split_sizes("shapes_vqa", {"shapes_text.test": 3})
+
+
+def test_pretraining_captions_include_the_description_and_held_out_references_do_not():
+    """shapes_caption (the pre-training captions) ends with the scene's description in the LM's language;
+    the NoCaps-like references stay captions, so the held-out metric is unchanged."""
+    from ibkit.shapes.tasks import TASKS
+
+    rng = random.Random(3)
+    for _ in range(50):
+        record, scene = TASKS["shapes_caption"](rng)
+        assert record["answers"][-1] == describe(scene)
+        assert set(_described(record["answers"][-1])) == {f"{o.color} {o.shape}" for o in scene.objects}
+        record, scene = TASKS["shapes_nocaps"](rng)
+        assert describe(scene) not in record["answers"]

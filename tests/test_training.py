@@ -206,6 +206,33 @@ def test_param_groups_decay_matrices_only():
     assert optimizer.defaults["betas"] == (0.9, 0.999)
 
 
+def test_optimizer_is_fused_on_the_cpu_and_steps_like_torchs_default_adamw():
+    """ibkit's AdamW takes torch's fused kernel for CPU parameters; its updates are torch's default loop's."""
+    from ibkit.training.optim import OptimSettings, fused_on_cpu
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    settings = OptimSettings(lr=1e-2, weight_decay=0.05)
+    fused = build_optimizer(nets[0].named_parameters(), settings)
+    assert all(group["fused"] for group in fused.param_groups)
+    groups = param_groups(nets[1].named_parameters(), settings.weight_decay)
+    for group in groups:
+        group.pop("names")
+    plain = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
+    assert not plain.param_groups[0]["fused"] and not plain.param_groups[0]["foreach"]
+    x = torch.randn(8, 6)
+    for _ in range(5):
+        for net, opt in zip(nets, (fused, plain)):
+            net(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not fused_on_cpu([torch.zeros(2, device="meta")])  # other devices keep torch's default
+    assert not fused_on_cpu([torch.zeros(2, dtype=torch.long)]) and not fused_on_cpu([])
+
+
 def test_throughput_counts_every_frame_of_pixels_and_of_cached_features():
     module = InstructBLIPModule(model=tiny_model(T5_TEXT))
     text = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long)}

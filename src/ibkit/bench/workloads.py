@@ -114,7 +114,15 @@ def freeze_transformers(hf) -> list[torch.nn.Parameter]:
 
 
 def adamw(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """transformers users' optimizer: torch's AdamW as it comes."""
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)
+
+
+def ibkit_adamw(named: dict[str, torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer ``ibkit fit`` builds (:func:`ibkit.training.optim.build_optimizer`: fused on the CPU)."""
+    from ibkit.training.optim import OptimSettings, build_optimizer
+
+    return build_optimizer(named.items(), OptimSettings(lr=1e-5, weight_decay=0.05))
 
 
 # -- inputs -----------------------------------------------------------------------------------------------
@@ -225,7 +233,7 @@ class Bench:
         # generation and ranking run the inference copy: frozen weights shared, the bridge in bf16
         self.ours_infer = inference_model(self.ours, self.policy)
         self.optimizers: dict[str, torch.optim.Optimizer] = {
-            "ibkit": adamw(list(self.ours.trainable_parameters().values()))
+            "ibkit": ibkit_adamw(self.ours.trainable_parameters())
         }
         for key, hf in self.hf.items():
             self.optimizers[key] = adamw(freeze_transformers(hf))
@@ -350,7 +358,7 @@ class Bench:
         stage1 = Blip2Stage1(self.ours.vision_encoder, qformer, num_query_tokens=self.size.num_query_tokens,
                              embed_dim=max(16, qformer.hidden_size // 3), dec_token_id=qformer.vocab_size - 1)
         stage1.to(self.device)
-        opt = adamw([p for p in stage1.parameters() if p.requires_grad])
+        opt = ibkit_adamw(stage1.trainable_parameters())
         x = make_inputs(self.size, self.size.train_batch, self.device, self.seed + 5)
         generator = torch.Generator(device=self.device)
 

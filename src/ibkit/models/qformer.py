@@ -229,21 +229,24 @@ class QFormer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def _check_length(self, length: int) -> None:
+        if length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"instruction of {length} tokens exceeds the Q-Former's {self.config.max_position_embeddings} "
+                "positions: truncate it (the collator's max_qformer_len)"
+            )
+
     def embed(
         self, queries: torch.Tensor, input_ids: torch.Tensor | None, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
         """LayerNorm(dropout) of [queries ; text embeddings]; ``positions`` (L,): the text's position ids
-        (default 0 .. L-1; several texts side by side each count from 0)."""
+        (default 0 .. L-1; several texts side by side each count from 0: their caller checks each length)."""
         emb = self.embeddings
         if input_ids is not None and input_ids.shape[1] > 0:
             if not self.config.instruction_aware:
                 raise ValueError("this Q-Former is in BLIP-2 mode (instruction_aware=False): it takes no text")
-            if input_ids.shape[1] > self.config.max_position_embeddings:
-                raise ValueError(
-                    f"instruction of {input_ids.shape[1]} tokens exceeds the Q-Former's {self.config.max_position_embeddings} "
-                    "positions: truncate it (the collator's max_qformer_len)"
-                )
             if positions is None:
+                self._check_length(input_ids.shape[1])
                 positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             text = emb.word_embeddings(input_ids) + emb.position_embeddings(positions)
             hidden = torch.cat((queries.to(text.dtype), text), dim=1)
@@ -341,6 +344,7 @@ class QFormer(nn.Module):
         Returns (query states (B, Q, H), ITG text states (B, L, H), ITC text states (B, L, H)).
         """
         length = input_ids.shape[1]
+        self._check_length(length)  # two texts side by side, each from position 0
         positions = torch.arange(length, device=input_ids.device).repeat(2)
         hidden = self.embed(queries, torch.cat((decoder_input_ids, input_ids), 1), positions)
         num_queries = queries.shape[1]

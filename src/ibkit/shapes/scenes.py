@@ -150,6 +150,40 @@ def captions_for(scene: Scene) -> list[str]:
     return list(dict.fromkeys(references))
 
 
+def _bin(value: float, low: str, high: str) -> str:
+    """``low``/``high`` when ``value`` is SIDE_THRESHOLD or more from the middle (as qa_pool's side answers), else middle."""
+    if abs(value - 0.5) >= SIDE_THRESHOLD:
+        return low if value < 0.5 else high
+    return "middle"
+
+
+def position_bins(obj: ShapeObject) -> tuple[str, str]:
+    """(left | middle | right, top | middle | bottom) of the object's centre; y grows downwards."""
+    return _bin(obj.x, "left", "right"), _bin(obj.y, "top", "bottom")
+
+
+def position_phrase(obj: ShapeObject) -> str:
+    """"on the left", "at the top", "at the bottom right", "in the middle"."""
+    x, y = position_bins(obj)
+    if x == "middle" and y == "middle":
+        return "in the middle"
+    if y == "middle":
+        return f"on the {x}"
+    return f"at the {y}" if x == "middle" else f"at the {y} {x}"
+
+
+def describe(scene: Scene) -> str:
+    """One sentence per object, in the scene's own (random) order: "A large red circle on the left.".
+
+    The language of the text corpus (:mod:`ibkit.shapes.text_corpus`) the demo's LM learns from, and one of
+    the pre-training captions: BLIP-2 aligns images with text the LM already reads."""
+    sentences = []
+    for obj in scene.objects:
+        phrase = f"{obj.size} {object_name(obj)}"
+        sentences.append(f"{'An' if phrase[0] in 'aeiou' else 'A'} {phrase} {position_phrase(obj)}.")
+    return " ".join(sentences)
+
+
 def qa_pool(scene: Scene, absent_pairs: Sequence[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
     """Every unambiguous (question, answer) the scene supports, by question type.
 

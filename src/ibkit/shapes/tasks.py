@@ -19,6 +19,7 @@ from ibkit.shapes.scenes import (
     SIZE_WORDS,
     TRAIN_PAIRS,
     captions_for,
+    describe,
     draw_radius,
     object_name,
     pick_qa,
@@ -75,8 +76,11 @@ def _plain_scene(rng: random.Random, pairs: Sequence[tuple[str, str]] = TRAIN_PA
 
 
 def _make_caption(rng: random.Random) -> tuple[Record, Scene]:
+    """Captions, and the scene's description in the LM's own language (:func:`describe`): web captions of
+    the real pre-training data are text the LLM has read; here the description is, and it alone says where
+    each shape is, which the side questions and the VSR-like statements need."""
     scene = _plain_scene(rng)
-    return {"answers": captions_for(scene)}, scene
+    return {"answers": [*captions_for(scene), describe(scene)]}, scene
 
 
 def _make_vqa(rng: random.Random) -> tuple[Record, Scene]:

@@ -22,15 +22,16 @@ from pathlib import Path
 
 from ibkit.data.registry import PROMPT_CAPTION, PROMPT_MULTIPLE_CHOICE, PROMPT_SHORT_QA
 from ibkit.data.templates import TEMPLATES, format_options, render
-from ibkit.shapes.render import COLORS, SHAPES, Scene, ShapeObject
+from ibkit.shapes.render import COLORS, SHAPES, Scene
 from ibkit.shapes.scenes import (
     QA_TYPES,
     RELATIONS,
-    SIDE_THRESHOLD,
     TRAIN_PAIRS,
     captions_for,
+    describe,
     object_name,
     pick_qa,
+    position_bins,
     qa_pool,
     relation_holds,
     sample_scene,
@@ -47,40 +48,6 @@ MAX_DIALOG_ROUNDS = 3
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 PRESENCE_QUESTIONS = ("Is there a {color} shape?", "Is any shape {color}?", "Is one of the shapes {color}?")
 KINDS = (*(f"qa_{qtype}" for qtype in QA_TYPES), "caption", "true_false", "options", "color_present", "dialog")
-
-
-# ------------------------------------------------------------------------------------------------ description
-
-
-def _bin(value: float, low: str, high: str) -> str:
-    """``low``/``high`` when ``value`` is SIDE_THRESHOLD or more from the middle (as qa_pool's side answers), else middle."""
-    if abs(value - 0.5) >= SIDE_THRESHOLD:
-        return low if value < 0.5 else high
-    return "middle"
-
-
-def position_bins(obj: ShapeObject) -> tuple[str, str]:
-    """(left | middle | right, top | middle | bottom) of the object's centre; y grows downwards."""
-    return _bin(obj.x, "left", "right"), _bin(obj.y, "top", "bottom")
-
-
-def position_phrase(obj: ShapeObject) -> str:
-    """"on the left", "at the top", "at the bottom right", "in the middle"."""
-    x, y = position_bins(obj)
-    if x == "middle" and y == "middle":
-        return "in the middle"
-    if y == "middle":
-        return f"on the {x}"
-    return f"at the {y}" if x == "middle" else f"at the {y} {x}"
-
-
-def describe(scene: Scene) -> str:
-    """One sentence per object, in the scene's own (random) order: "A large red circle on the left."."""
-    sentences = []
-    for obj in scene.objects:
-        phrase = f"{obj.size} {object_name(obj)}"
-        sentences.append(f"{'An' if phrase[0] in 'aeiou' else 'A'} {phrase} {position_phrase(obj)}.")
-    return " ".join(sentences)
 
 
 # ------------------------------------------------------------------------------------------------ instructions

@@ -18,7 +18,7 @@ from ibkit.shapes.specs import SPECS, SUITE
 from ibkit.shapes.tasks import TASKS
 from ibkit.shapes.text_corpus import TEXT_CORPUS, TEXT_SPLITS, write_text_corpus
 
-GENERATOR_VERSION = 1  # bump when the generated content changes: old folders then fail the manifest check
+GENERATOR_VERSION = 2  # bump when the generated content changes: old folders then fail the manifest check
 DEFAULT_SIZES = {"train": 2000, "val": 100, "test": 200}
 TINY_SIZES = {"train": 6, "val": 3, "test": 6}
 

@@ -73,11 +73,26 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
     return groups
 
 
+def fused_on_cpu(params: Iterable[torch.Tensor]) -> bool:
+    """Whether AdamW should run its fused kernel: every parameter a plain floating CPU tensor.
+
+    On the CPU torch's default AdamW loops over the tensors one op at a time (its multi-tensor kernel is
+    for GPUs), which costs a small Q-Former's training step about a tenth of its time; the fused kernel
+    updates each tensor in one pass. On GPUs (and for sharded FSDP parameters) torch's default stays.
+    """
+    params = list(params)
+    return bool(params) and all(
+        p.device.type == "cpu" and p.dtype.is_floating_point and type(p) in (torch.Tensor, nn.Parameter)
+        for p in params
+    )
+
+
 def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], settings: OptimSettings) -> torch.optim.AdamW:
     groups = param_groups(named_params, settings.weight_decay)
     for group in groups:
         group.pop("names")  # AdamW keeps unknown keys in its state_dict; names would only bloat it
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps)
+    fused = fused_on_cpu(p for group in groups for p in group["params"]) or None
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps, fused=fused)
 
 
 def warmup_cosine_lr(
