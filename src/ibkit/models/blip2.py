@@ -212,9 +212,9 @@ class Blip2Stage1(nn.Module):
         """2-way matching logits (B, 2) of pairs (image i, text i): bidirectional queries + text, head on
         every query output, averaged over the queries. Column 1 is "match". ``image_kv`` (the Q-Former's
         ``image_keys_values`` of the B images) may stand for ``image_tokens``."""
-        queries = self._queries(input_ids.shape[0])
-        hidden = self.qformer.forward_hidden(queries, image_tokens, input_ids, attention_mask, image_kv=image_kv)
-        return self.itm_head(hidden[:, : queries.shape[1]]).mean(dim=1)
+        hidden = self.qformer.forward_hidden(self._queries(input_ids.shape[0]), image_tokens, input_ids,
+                                             attention_mask, image_kv=image_kv, queries_only=True)
+        return self.itm_head(hidden).mean(dim=1)
 
     def itg_logits(
         self, image_tokens: torch.Tensor, decoder_input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ibkit.models.dropout import Dropout, dropout
+
 #: ``[DEC]``'s id in the Q-Former vocabulary: bert-base-uncased has 30522 tokens, ``[DEC]`` is appended
 #: (BLIP-2's image-grounded text generation starts from it).
 BERT_DEC_TOKEN_ID = 30522
@@ -93,7 +95,7 @@ class QFormerAttentionCore(nn.Module):
         scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1))
         if mask is not None:  # in the scores' dtype, as SDPA does (no row is fully masked: no NaN)
             scores = scores + mask.to(scores.dtype)
-        return torch.matmul(F.dropout(scores.softmax(-1), p), v)
+        return torch.matmul(dropout(scores.softmax(-1), p), v)
 
     def forward(
         self,
@@ -118,7 +120,7 @@ class QFormerResidualOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_width, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # noqa: N815 (checkpoint name)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
@@ -170,13 +172,18 @@ class QFormerLayer(nn.Module):
         self_mask: torch.Tensor | None,
         image_tokens: torch.Tensor | KeysValues | None,
         num_queries: int,
+        text_rows: int | None = None,
     ) -> torch.Tensor:
-        """``image_tokens`` may be this layer's cross-attention keys/values."""
+        """``image_tokens`` may be this layer's cross-attention keys/values. ``text_rows`` keeps only the
+        first so many text positions (0: the queries only), skipping the feed-forward of the others (a last
+        layer whose outputs there nobody reads)."""
         hidden = self.attention(hidden, mask=self_mask)
         queries, text = hidden[:, :num_queries], hidden[:, num_queries:]
         if self.has_cross_attention and num_queries > 0:  # a text-only pass has no image to attend to
             queries = self.crossattention(queries, kv=image_tokens)
         queries = self.output_query(self.intermediate_query(queries), queries)
+        if text_rows is not None:
+            text = text[:, :text_rows]
         if text.shape[1] > 0:
             queries = torch.cat((queries, self.output(self.intermediate(text), text)), dim=1)
         return queries
@@ -188,7 +195,7 @@ class QFormerEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
 
 class QFormerEncoder(nn.Module):
@@ -209,7 +216,7 @@ class QFormer(nn.Module):
         else:  # BLIP-2: queries only, so only the embedding LayerNorm exists
             self.embeddings = nn.Module()
             self.embeddings.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-            self.embeddings.dropout = nn.Dropout(config.hidden_dropout_prob)
+            self.embeddings.dropout = Dropout(config.hidden_dropout_prob)
         self.encoder = QFormerEncoder(config, encoder_width)
         self.gradient_checkpointing = False
         self.reset_parameters()
@@ -262,7 +269,7 @@ class QFormer(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return the ``num_queries`` output vectors (B, Q, hidden) of the last layer."""
-        return self.forward_hidden(queries, image_tokens, input_ids, attention_mask)[:, : queries.shape[1]]
+        return self.forward_hidden(queries, image_tokens, input_ids, attention_mask, queries_only=True)
 
     def forward_hidden(
         self,
@@ -272,6 +279,7 @@ class QFormer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         causal: bool = False,
         image_kv: Sequence[KeysValues | None] | None = None,
+        queries_only: bool = False,
     ) -> torch.Tensor:
         """The whole last-layer sequence [queries ; instruction] (B, Q + L, hidden).
 
@@ -281,7 +289,8 @@ class QFormer(nn.Module):
         queries only, each text token sees every query and the text up to itself.
 
         ``image_kv`` (from :meth:`image_keys_values`) replaces ``image_tokens``: the image's
-        cross-attention keys/values computed once for several passes.
+        cross-attention keys/values computed once for several passes. ``queries_only=True`` returns the
+        query outputs (B, Q, hidden) and skips the last layer's text feed-forward, which they do not read.
         """
         if not self.config.instruction_aware:
             input_ids, attention_mask = None, None
@@ -297,7 +306,7 @@ class QFormer(nn.Module):
         if image_kv is None:
             image_tokens = image_tokens.to(hidden.dtype) if image_tokens is not None else None
             image_kv = [image_tokens] * len(self.encoder.layer)
-        return self._run_layers(hidden, self_mask, image_kv, num_queries)
+        return self._run_layers(hidden, self_mask, image_kv, num_queries, 0 if queries_only and num_queries else None)
 
     def _run_layers(
         self,
@@ -305,9 +314,12 @@ class QFormer(nn.Module):
         self_mask: torch.Tensor | None,
         image: Sequence[torch.Tensor | KeysValues | None],
         num_queries: int,
+        last_text_rows: int | None = None,
     ) -> torch.Tensor:
+        """The layers; the last one keeps ``last_text_rows`` text positions (None: all)."""
+        last = len(self.encoder.layer) - 1
         for i, layer in enumerate(self.encoder.layer):
-            args = (hidden, self_mask, image[i], num_queries)
+            args = (hidden, self_mask, image[i], num_queries, last_text_rows if i == last else None)
             if self.gradient_checkpointing and self.training and hidden.requires_grad:
                 hidden = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -341,7 +353,8 @@ class QFormer(nn.Module):
         query-only pass's, which ITG reuses as LAVIS does with past_key_values), ITG text sees the queries
         and earlier ITG text, ITC text sees the (non-padding) ITC text only. Same values as three passes,
         but one set of ops with 2x-3x the rows each: the narrow Q-Former's step is bound by its op count.
-        Returns (query states (B, Q, H), ITG text states (B, L, H), ITC text states (B, L, H)).
+        Returns (query states (B, Q, H), ITG text states (B, L, H), ITC text [CLS] states (B, 1, H)): the last
+        layer skips the feed-forward of the other ITC text positions, which no loss reads.
         """
         length = input_ids.shape[1]
         self._check_length(length)  # two texts side by side, each from position 0
@@ -349,13 +362,16 @@ class QFormer(nn.Module):
         hidden = self.embed(queries, torch.cat((decoder_input_ids, input_ids), 1), positions)
         num_queries = queries.shape[1]
         mask = _itc_itg_mask(attention_mask, num_queries, hidden.dtype)
-        hidden = self._run_layers(hidden, mask, image_kv, num_queries)
+        hidden = self._run_layers(hidden, mask, image_kv, num_queries, length + 1)  # ITC reads the text's [CLS]
         return hidden[:, :num_queries], hidden[:, num_queries : num_queries + length], hidden[:, num_queries + length :]
 
 
 def select_kv_rows(layers: Sequence[KeysValues | None], rows: torch.Tensor) -> list[KeysValues | None]:
-    """The batch rows ``rows`` of every layer's keys/values (e.g. of :meth:`QFormer.image_keys_values`)."""
-    return [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in layers]
+    """The batch rows ``rows`` of every layer's keys/values (e.g. of :meth:`QFormer.image_keys_values`).
+
+    ``index_select``, not ``kv[rows]``: the same values, but its backward is an ``index_add`` where advanced
+    indexing's is an accumulating ``index_put`` (on the CPU ~6x slower for BLIP-2's ITM rows)."""
+    return [None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows)) for kv in layers]
 
 
 def cat_kv_rows(first: Sequence[KeysValues | None], then: Sequence[KeysValues | None]) -> list[KeysValues | None]:
