@@ -76,7 +76,7 @@ def test_checkpointed_qformer_replays_the_same_dropout_masks():
             torch.testing.assert_close(a, b)
 
 
-def test_query_outputs_skip_the_last_text_feed_forward_and_equal_the_full_pass():
+def test_query_outputs_without_autograd_skip_the_last_text_feed_forward_and_equal_the_full_pass():
     model = tiny_stage1().eval()
     tokens = torch.randn(2, 7, model.qformer.encoder_width)
     ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 0]])
@@ -85,7 +85,14 @@ def test_query_outputs_skip_the_last_text_feed_forward_and_equal_the_full_pass()
     full = model.qformer.forward_hidden(queries, tokens, ids, mask)
     seen = []
     hook = model.qformer.encoder.layer[-1].intermediate.register_forward_hook(lambda *_: seen.append(1))
-    only = model.qformer(queries, tokens, ids, mask)
-    hook.remove()
+    with torch.no_grad():
+        only = model.qformer(queries, tokens, ids, mask)
     assert seen == [] and only.shape == (2, queries.shape[1], full.shape[-1])
     torch.testing.assert_close(only, full[:, : queries.shape[1]])
+    # with autograd the full pass runs: every trainable parameter is in the graph (DDP needs it)
+    trained = model.qformer(queries, tokens, ids, mask)
+    hook.remove()
+    assert seen == [1]
+    torch.testing.assert_close(trained, only)
+    grad = torch.autograd.grad(trained.sum(), model.qformer.encoder.layer[-1].intermediate.dense.weight)[0]
+    assert torch.count_nonzero(grad) == 0

@@ -268,8 +268,16 @@ class QFormer(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Return the ``num_queries`` output vectors (B, Q, hidden) of the last layer."""
-        return self.forward_hidden(queries, image_tokens, input_ids, attention_mask, queries_only=True)
+        """Return the ``num_queries`` output vectors (B, Q, hidden) of the last layer.
+
+        Without autograd (generation, evaluation, feature extraction) the last layer's text feed-forward,
+        which the queries do not read, is skipped. With autograd it runs, as in LAVIS and transformers: its
+        parameters then get zero gradients, so DDP finds every trainable parameter in the graph and AdamW's
+        weight decay treats them as before."""
+        skip = not torch.is_grad_enabled()
+        return self.forward_hidden(queries, image_tokens, input_ids, attention_mask, queries_only=skip)[
+            :, : queries.shape[1]
+        ]
 
     def forward_hidden(
         self,
