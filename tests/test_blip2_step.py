@@ -96,6 +96,32 @@ def test_explicit_cpu_training_attention_equals_sdpa():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_cpu_attention_kernel_choice_without_dropout(monkeypatch):
+    """Without dropout the Q-Former's CPU attention is explicit only under bf16 autocast with autograd (a
+    training step, where SDPA's CPU backward is slower); inference and fp32 training call SDPA. Both give
+    the same attention."""
+    from ibkit.models.qformer import QFormerAttentionCore, QFormerConfig
+
+    torch.manual_seed(0)
+    core = QFormerAttentionCore(QFormerConfig(hidden_size=32, num_attention_heads=4), kv_width=32).train()
+    core.dropout = 0.0
+    q, k, v = (torch.randn(3, 4, n, 8, requires_grad=True) for n in (5, 7, 7))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explicit = core._attend(q, k, v, None)
+        assert calls == []
+        with torch.no_grad():
+            core._attend(q, k, v, None)
+        assert calls == [1]
+        reference = sdpa(q, k, v)
+    torch.testing.assert_close(explicit.float(), reference.float(), rtol=2e-2, atol=2e-2)
+    core._attend(q, k, v, None)  # fp32 training
+    assert calls == [1, 1]
+
+
 def test_step_takes_captions_up_to_the_qformer_positions_and_names_longer_ones():
     """ITC and ITG texts sit side by side in one pass, each counting positions from 0: a caption may use
     every position (the limit is per text, not for the two together); one token more is a clear error."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_blip2 import tiny_stage1
 
-from ibkit.models.dropout import Dropout, dropout, keep_mask
+from ibkit.models.dropout import Dropout, dropout, keep_mask, keep_multiplier
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -27,6 +27,26 @@ def test_masks_are_independent_across_neighbouring_elements():
     both = (keep[:, 0] * keep[:, 1]).mean().item(), (keep[:, 2] * keep[:, 3]).mean().item()
     for value in both:
         assert abs(value - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 400_000)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multiplier_is_zero_or_the_scale_and_matches_the_mask_of_the_same_draws(dtype):
+    multiplier = keep_multiplier((300, 7), 0.25, dtype, torch.Generator().manual_seed(4))
+    assert multiplier.dtype == dtype and multiplier.shape == (300, 7)
+    scale = torch.tensor(1 / 0.75, dtype=dtype)
+    assert set(multiplier.unique().tolist()) == {0.0, scale.item()}
+    assert torch.equal(multiplier != 0, keep_mask((300, 7), 0.25, torch.Generator().manual_seed(4)))
+
+
+def test_probabilities_below_and_above_the_16_bit_resolution_keep_all_or_drop_all_and_draw_the_same():
+    """p that rounds to 0 or to 65536 levels: nothing or everything drops; the generator advances as for
+    any p, so the masks after it do not depend on it."""
+    generators = [torch.Generator().manual_seed(2) for _ in range(3)]
+    assert torch.equal(keep_multiplier((50,), 1e-6, torch.float32, generators[0]), torch.full((50,), 1 / (1 - 1e-6)))
+    assert torch.equal(keep_multiplier((50,), 1 - 1e-6, torch.float32, generators[1]), torch.zeros(50))
+    keep_multiplier((50,), 0.5, torch.float32, generators[2])
+    after = [keep_mask((64,), 0.5, g) for g in generators]
+    assert torch.equal(after[0], after[1]) and torch.equal(after[1], after[2])
 
 
 def test_dropout_scales_kept_values_zeroes_the_rest_and_passes_gradients_the_same_way():

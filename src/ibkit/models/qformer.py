@@ -86,11 +86,15 @@ class QFormerAttentionCore(nn.Module):
         return self._heads(q), (self._heads(k), self._heads(v))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Scaled-dot-product attention. Training on CPU with dropout computes it as matmul, softmax,
+        """Scaled-dot-product attention. Training on CPU (autograd on) computes it as matmul, softmax,
         dropout, matmul: SDPA has no fused CPU kernel with dropout and falls back to the same math with
-        extra ops (mask casts, a fully-masked-row check), about 1.4x slower for the Q-Former's shapes."""
+        extra ops (mask casts, a fully-masked-row check), about 1.4x slower for the Q-Former's shapes.
+        Without dropout, under bf16 autocast with autograd, SDPA is slower too (a training step of the
+        bench's "small" Q-Former without dropout: 88 ms with SDPA, 66 ms explicit; in fp32 both 72-75 ms;
+        2-core Xeon VM). Inference, fp32 training without dropout and every GPU keep SDPA."""
         p = self.dropout if self.training else 0.0
-        if p == 0.0 or q.device.type != "cpu":
+        explicit = p > 0.0 or (torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"))
+        if q.device.type != "cpu" or not explicit:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1))
         if mask is not None:  # in the scores' dtype, as SDPA does (no row is fully masked: no NaN)
