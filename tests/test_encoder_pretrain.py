@@ -21,7 +21,7 @@ from ibkit.models.blip2 import Blip2Stage1
 from ibkit.models.qformer import QFormerConfig
 from ibkit.models.vision.hf_tower import HFVisionEncoder
 from ibkit.training.checkpoint import RunCheckpoint
-from ibkit.training.encoder_pretrain import ENCODER_FILE, ENCODER_INFO, EncoderPretrainModule
+from ibkit.training.encoder_pretrain import ENCODER_FILE, ENCODER_INFO, EncoderPretrainModule, patch_cells
 from ibkit.training.optim import OptimSettings
 from ibkit.training.pretrain import Blip2PretrainModule
 from ibkit.training.vision_words import VisionWordSettings, word_detection_metrics
@@ -75,6 +75,41 @@ def test_loss_decreases_on_a_fixed_batch():
     assert losses[-1] < 0.7 * losses[0], losses
     targets = module.caption_targets(batch["input_ids"], batch["attention_mask"])
     assert targets[:, SPECIALS].sum() == 0 and targets[:, VOCAB:].sum() > 0  # specials out, word pairs in
+
+
+@pytest.mark.parametrize("kind", ["eva", "clip"])
+def test_position_pretext_teaches_each_patch_token_its_cell(kind):
+    """With position_weight > 0 each patch token (not [CLS]) learns to name its grid cell: after a few steps
+    the head's best cell is the token's own for nearly every token of unseen images."""
+    torch.manual_seed(0)
+    encoder, image = (_eva(), 32) if kind == "eva" else (_clip(), 64)
+    module = EncoderPretrainModule(encoder, vocab_size=VOCAB, vision_words=WORDS, special_ids=SPECIALS,
+                                   position_weight=1.0)
+    cells = patch_cells(encoder)
+    assert cells == (image // 8) ** 2 and module.position_head.out_features == cells
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    losses = []
+    for step in range(120):
+        loss = module.position_loss(module.image_tokens(_batch(4, image, seed=step)["pixel_values"]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+    with torch.no_grad():
+        tokens = module.image_tokens(_batch(4, image, seed=99)["pixel_values"])
+        named = module.position_head(tokens[:, -cells:]).argmax(-1)
+    assert (named == torch.arange(cells)).float().mean() > 0.9
+
+
+def test_position_pretext_needs_a_known_patch_grid_and_a_sane_weight():
+    encoder = _eva()
+    with pytest.raises(ValueError, match="position_weight: must be >= 0"):
+        EncoderPretrainModule(encoder, vocab_size=VOCAB, special_ids=SPECIALS, position_weight=-1.0)
+    encoder.config.patch_size = 5  # does not divide 32
+    with pytest.raises(ValueError, match="no patch_size dividing its image size"):
+        EncoderPretrainModule(encoder, vocab_size=VOCAB, special_ids=SPECIALS, position_weight=0.5)
+    assert EncoderPretrainModule(encoder, vocab_size=VOCAB, special_ids=SPECIALS).position_head is None
 
 
 class _Batches(LightningDataModule):
