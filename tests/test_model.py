@@ -177,3 +177,38 @@ def test_pretrained_loads_in_the_other_qformer_mode(tmp_path):
     back = InstructBLIP.from_pretrained(tmp_path / "blip2", instruction_aware=True)  # text parts start fresh
     assert back.qformer_config.instruction_aware
     torch.testing.assert_close(back.query_tokens, source.query_tokens)
+
+
+def test_loss_reduction_sample_weighs_samples_and_token_weighs_tokens(model):
+    """Targets of 1, 4 and 2 tokens: "sample" is the mean of the three samples' own losses (each computed
+    alone), "token" the mean weighted by their token counts (LAVIS); an unknown value is named."""
+    x = hf_inputs(batch=3, prompt_len=5)
+    eos = model.language_model.hf_config.eos_token_id
+    targets = [[eos], [5, 6, 7, eos], [9, eos]]
+    alone, counts = [], []
+    for i, target in enumerate(targets):
+        alone.append(-_hand_logprob(model, x, i, target) / len(target))
+        counts.append(len(target))
+    common = {k: x[k] for k in ("pixel_values", "qformer_input_ids", "qformer_attention_mask")}
+    if model.is_encoder_decoder:
+        labels = torch.full((3, 4), -100)
+        for i, target in enumerate(targets):
+            labels[i, : len(target)] = torch.tensor(target)
+        batch = dict(**common, input_ids=x["input_ids"], attention_mask=x["attention_mask"], labels=labels)
+    else:  # prompt + target, right padded; labels only on the target
+        ids = torch.zeros(3, 9, dtype=torch.long)
+        mask, labels = torch.zeros_like(ids), torch.full((3, 9), -100)
+        for i, target in enumerate(targets):
+            row = torch.cat((x["input_ids"][i], torch.tensor(target)))
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+            labels[i, 5 : len(row)] = torch.tensor(target)
+        batch = dict(**common, input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        per_sample = model(**batch, loss_reduction="sample").loss.item()
+        per_token = model(**batch).loss.item()
+    assert per_sample == pytest.approx(sum(alone) / 3, rel=1e-5, abs=1e-5)
+    weighted = sum(loss * n for loss, n in zip(alone, counts)) / sum(counts)
+    assert per_token == pytest.approx(weighted, rel=1e-5, abs=1e-5)
+    assert abs(per_sample - per_token) > 1e-3  # the two reductions differ on unequal lengths
+    with pytest.raises(ValueError, match="loss_reduction: 'tokens'"):
+        model(**batch, loss_reduction="tokens")

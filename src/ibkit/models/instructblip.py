@@ -48,6 +48,21 @@ class ImageTokens:
     frames: int
 
 
+
+LOSS_REDUCTIONS = ("token", "sample")
+
+
+def per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of each sample's mean token cross-entropy (``labels`` -100: not a target; samples
+    without a target are left out). ``logits`` (B, T, V) are aligned with ``labels`` (B, T)."""
+    tokens = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    counted = (labels != -100).to(tokens.dtype)
+    per_token = tokens.view(labels.shape) * counted
+    counts = counted.sum(dim=1)
+    has_target = counts > 0
+    return (per_token.sum(dim=1)[has_target] / counts[has_target]).mean()
+
+
 class InstructBLIP(nn.Module):
     """The composite model. Components are injected, so YAML can swap any of them."""
 
@@ -196,7 +211,13 @@ class InstructBLIP(nn.Module):
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        loss_reduction: str = "token",
     ) -> InstructBLIPOutput:
+        """``loss_reduction``: ``"token"`` averages the cross-entropy over every target token of the batch
+        (LAVIS and transformers: a 36-token caption then weighs 36 one-word answers); ``"sample"`` averages
+        each sample's target tokens first, then the samples (each sample weighs the same)."""
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction: {loss_reduction!r}; choose one of {list(LOSS_REDUCTIONS)}")
         visual = self.visual_prompt(pixel_values, qformer_input_ids, qformer_attention_mask, image_features)
         embeds, mask = self._llm_inputs(visual, input_ids, attention_mask)
         if self.is_encoder_decoder:
@@ -208,7 +229,10 @@ class InstructBLIP(nn.Module):
                 decoder_attention_mask=decoder_attention_mask,
                 use_cache=False,  # a training/scoring pass: a KV cache only costs memory (and breaks recompute)
             )
-            return InstructBLIPOutput(loss=out.loss, logits=out.logits)
+            loss = out.loss
+            if labels is not None and loss_reduction == "sample":
+                loss = per_sample_cross_entropy(out.logits, labels)
+            return InstructBLIPOutput(loss=loss, logits=out.logits)
         extra = {}
         if self._accepts("position_ids"):
             extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -217,9 +241,12 @@ class InstructBLIP(nn.Module):
         loss = None
         if labels is not None:
             full = torch.cat((labels.new_full((labels.shape[0], num_visual), -100), labels), dim=1)
-            loss = F.cross_entropy(
-                out.logits[:, :-1].float().flatten(0, 1), full[:, 1:].flatten(), ignore_index=-100
-            )
+            if loss_reduction == "sample":
+                loss = per_sample_cross_entropy(out.logits[:, :-1], full[:, 1:])
+            else:
+                loss = F.cross_entropy(
+                    out.logits[:, :-1].float().flatten(0, 1), full[:, 1:].flatten(), ignore_index=-100
+                )
         return InstructBLIPOutput(loss=loss, logits=out.logits[:, num_visual:])
 
     # -- generation -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from lightning.pytorch import LightningModule
 from ibkit.convert.weights import check_qformer_initialised, load_initial_weights_in_order
 from ibkit.data.collate import IGNORE_INDEX, is_empty, model_inputs
 from ibkit.eval.evaluator import Evaluator, predict_records
-from ibkit.models.instructblip import InstructBLIP
+from ibkit.models.instructblip import LOSS_REDUCTIONS, InstructBLIP
 from ibkit.models.language import LoraSettings, resolve_dtype
 from ibkit.models.state import persistent_keys
 from ibkit.processor import Processor
@@ -87,6 +87,9 @@ class InstructBLIPModule(LightningModule):
             (Lightning does not checkpoint RNG states, and loaders/validation consume random numbers).
         vision_words: an auxiliary loss that trains a from-scratch vision encoder to detect the target's
             words in its own tokens (:mod:`ibkit.training.vision_words`); needs a trainable encoder.
+        loss_reduction: ``"token"`` (LAVIS, the default): the LM loss is the mean over every target token of
+            the batch, so a long caption outweighs many one-word answers; ``"sample"``: each sample's tokens
+            are averaged first, so every sample of the mixture weighs the same.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class InstructBLIPModule(LightningModule):
         fast_paths: bool = False,
         compile: bool = False,
         vision_words: VisionWordSettings | None = None,
+        loss_reduction: str = "token",
     ) -> None:
         super().__init__()
         if (model is None) == (pretrained is None):
@@ -144,6 +148,9 @@ class InstructBLIPModule(LightningModule):
         self.fast_paths = fast_paths
         self.compile = compile
         self.vision_words = vision_words if vision_words is not None and vision_words.weight > 0 else None
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction: {loss_reduction!r}; choose one of {list(LOSS_REDUCTIONS)}")
+        self.loss_reduction = loss_reduction
         self.vision_word_head: VisionWordHead | None = None
         self._compiled = False
         self._policy: Any = None  # the PrecisionPolicy once applied
@@ -285,11 +292,12 @@ class InstructBLIPModule(LightningModule):
         encoder pass serves both)."""
         pixels = inputs.get("pixel_values")
         if self.vision_word_head is None or pixels is None or "image_features" in inputs:
-            loss = self.model(**inputs).loss
+            loss = self.model(**inputs, loss_reduction=self.loss_reduction).loss
             return loss, loss
         images = self.model.image_tokens(pixels)
         tokens = images.tokens.reshape(batch_size, -1, images.tokens.shape[-1])  # every frame's tokens are instances
-        lm_loss = self.model(**{k: v for k, v in inputs.items() if k != "pixel_values"}, image_features=images.features).loss
+        lm_loss = self.model(**{k: v for k, v in inputs.items() if k != "pixel_values"}, image_features=images.features,
+                             loss_reduction=self.loss_reduction).loss
         config = self.model.language_model.hf_config
         special = {t for t in (config.pad_token_id, config.eos_token_id) if t is not None}
         targets = word_targets(inputs["labels"], config.vocab_size, self.vision_words, special)
