@@ -48,7 +48,6 @@ class ImageTokens:
     frames: int
 
 
-
 LOSS_REDUCTIONS = ("token", "sample")
 
 

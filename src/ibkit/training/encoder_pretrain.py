@@ -178,11 +178,13 @@ class EncoderPretrainModule(LightningModule):
         ids = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         return word_targets(ids.cpu(), self.vocab_size, self.vision_words, self.special_ids)
 
-    def caption_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The weighted vision-word loss of a batch's images against its captions' words."""
+    def caption_loss(self, batch: dict[str, Any], tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted vision-word loss of a batch's images (or their ``tokens``, already computed) against its
+        captions' words."""
         targets = self.caption_targets(batch["input_ids"], batch.get("attention_mask"))
-        return self.vision_words.weight * vision_word_loss(self.word_head, self.image_tokens(batch["pixel_values"]),
-                                                           targets)
+        if tokens is None:
+            tokens = self.image_tokens(batch["pixel_values"])
+        return self.vision_words.weight * vision_word_loss(self.word_head, tokens, targets)
 
     def position_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each patch token names its own grid cell (cross-entropy over the cells; a leading [CLS] is left
@@ -200,15 +202,12 @@ class EncoderPretrainModule(LightningModule):
             log.warning("step %d: empty batch (all samples skipped)", self.global_step)
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
         size = int(pixels.shape[0])
-        if self.position_head is not None:
-            tokens = self.image_tokens(pixels)
-            targets = self.caption_targets(batch["input_ids"], batch.get("attention_mask"))
-            words = self.vision_words.weight * vision_word_loss(self.word_head, tokens, targets)
+        tokens = self.image_tokens(pixels)
+        loss = self.caption_loss(batch, tokens)
+        if self.position_head is not None:  # one encoder pass serves both losses
             where = self.position_loss(tokens)
             self.log("train/position_loss", where, on_step=True, batch_size=size)
-            loss = words + self.position_weight * where
-        else:
-            loss = self.caption_loss(batch)
+            loss = loss + self.position_weight * where
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
         self._log_throughput(size)
         return loss
