@@ -35,7 +35,11 @@ def test_multiplier_is_zero_or_the_scale_and_matches_the_mask_of_the_same_draws(
     assert multiplier.dtype == dtype and multiplier.shape == (300, 7)
     scale = torch.tensor(1 / 0.75, dtype=dtype)
     assert set(multiplier.unique().tolist()) == {0.0, scale.item()}
-    assert torch.equal(multiplier != 0, keep_mask((300, 7), 0.25, torch.Generator().manual_seed(4)))
+    # the same draws, decided the straightforward way: the 16-bit uniform >= round(p * 65536) - 32768
+    draws = torch.empty(300 * 7 // 4 + 1, dtype=torch.int64).random_(-(2**63), None,
+                                                                     generator=torch.Generator().manual_seed(4))
+    uniforms = draws.view(torch.int16)[: 300 * 7].view(300, 7)
+    assert torch.equal(multiplier != 0, uniforms >= round(0.25 * 65536) - 32768)
 
 
 def test_probabilities_below_and_above_the_16_bit_resolution_keep_all_or_drop_all_and_draw_the_same():

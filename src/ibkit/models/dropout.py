@@ -31,11 +31,6 @@ def _uniforms(numel: int, generator: torch.Generator | None) -> torch.Tensor:
     return draws.view(torch.int16)[:numel]
 
 
-def _drop_levels(p: float) -> int:
-    """How many of the 65536 uniform values drop an element: ``round(p * 65536)``."""
-    return round(p * _LEVELS)
-
-
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Boolean mask of ``shape`` on the CPU, each element True with probability ``1 - round(p * 65536) / 65536``
     (the mask :func:`keep_multiplier` scales; for tests and callers that want the mask itself)."""
@@ -50,7 +45,7 @@ def keep_multiplier(
     numel = 1
     for size in shape:
         numel *= size
-    levels = _drop_levels(p)
+    levels = round(p * _LEVELS)  # how many of the 65536 uniform values drop an element
     scale = 1.0 / (1.0 - p)
     if levels == 0:  # p < 1/131072: nothing drops (the draws are still made, so later masks stay in step)
         _uniforms(numel, generator)
