@@ -69,6 +69,15 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
     assert list(results["steps"]) == ["encoder", "lm", *STAGES, "evaluate"]
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert (tmp_path / "results.md").read_text().count("| shapes_vsr |") == 1
+    # held-in VQA split by the number of shapes: the same questions as the per-type table, counted from the scenes
+    for model in MODELS:
+        by_shapes, by_type = results["heldin_vqa_by_shapes"][model], results["heldin_vqa_by_type"][model]
+        assert set(by_shapes) == set(by_type)
+        for kind, cells in by_shapes.items():
+            assert set(cells) <= {"1", "2", "3", "4"}
+            assert sum(cell["n"] for cell in cells.values()) == by_type[kind]["n"]
+            mean = sum(cell["value"] * cell["n"] for cell in cells.values()) / by_type[kind]["n"]
+            assert mean == pytest.approx(by_type[kind]["value"])
     # the encoder's weights reached the frozen encoder of every later stage, through encoder.safetensors
     assert (tmp_path / "encoder" / "model" / "encoder.safetensors").is_file()
     assert (tmp_path / "instruct" / "model" / "config.json").is_file()  # the instruction-tuned model, exported

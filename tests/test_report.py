@@ -41,6 +41,10 @@ RESULTS = {
         model: {k: {"value": v, "stderr": 0.01, "n": 250} for k, v in zip(["color", "count", "exists"], values)}
         for model, values in (("blip2", (0.5, 0.4, 0.55)), ("instructblip", (0.95, 0.9, 0.88)))
     },
+    "heldin_vqa_by_shapes": {
+        model: {"color": {str(n): {"value": v, "stderr": 0.05, "n": 60} for n, v in zip((1, 2, 4), values)}}
+        for model, values in (("blip2", (0.6, 0.5, 0.4)), ("instructblip", (1.0, 0.75, 0.5)))
+    },
     "heldin_questions": 1500,
     "steps": {"encoder": {"label": "encoder pretraining", "seconds": 71.2, "curve": "encoder"},
               "lm": {"label": "LM instruction pretraining", "seconds": 65.0, "curve": "lm"},
@@ -69,11 +73,14 @@ def test_results_markdown_has_each_table_once_with_standard_errors():
     text = results_markdown(RESULTS)
     for title in ("## Held-out families", "## Held-in VQA by question type (1500 fresh questions)", "## Time per step"):
         assert text.count(title) == 1
-    assert text.count("| family |") == 1 and text.count("| question type |") == 1 and text.count("| step |") == 1
+    assert text.count("| family |") == 1 and text.count("| question type | n |") == 1 and text.count("| step |") == 1
     assert "| shapes_vsr | accuracy | 400 | 0.500 | 0.520 ± 0.030 | 0.700 ± 0.020 | yes |" in text
     assert "| shapes_nocaps | cider | 400 | 0.000 | 1.200 ± 0.030 | 3.400 ± 0.020 | yes |" in text
     assert "| color | 250 | 0.500 ± 0.010 | 0.950 ± 0.010 |" in text
     assert "| encoder pretraining | 1 min 11 s |" in text and "| **total** | **3 min 46 s** |" in text
+    assert text.count("## Held-in VQA by number of shapes in the picture") == 1
+    assert "| question type | model | 1 shape | 2 shapes | 4 shapes |" in text  # only the counts that occur
+    assert "| color | InstructBLIP | 1.00 ± 0.05 (60) | 0.75 ± 0.05 (60) | 0.50 ± 0.05 (60) |" in text
     assert "CIDEr divided by 10" in text
 
 
@@ -153,6 +160,11 @@ def _broken(path: tuple, value) -> dict:
         (_broken(("models", "blip2", "label"), 3), "results['models']['blip2']['label']"),
         (_broken(("heldin_vqa_by_type", "instructblip", "color", "value"), None),
          "results['heldin_vqa_by_type']['instructblip']['color']['value']"),
+        (_broken(("heldin_vqa_by_shapes", "blip2", "color", "2", "n"), -1),
+         "results['heldin_vqa_by_shapes']['blip2']['color']['2']['n']"),
+        (_broken(("heldin_vqa_by_shapes", "blip2", "color", "two"), {"value": 0.5, "stderr": 0.1, "n": 3}),
+         "key 'two' is not a number of shapes"),
+        (_broken(("heldin_vqa_by_shapes", "gpt"), {}), "results['heldin_vqa_by_shapes']['gpt']: not a model"),
         (_broken(("steps", "lm", "seconds"), "1 min"), "results['steps']['lm']['seconds']"),
         (_broken(("models",), KeyError), "results['models']"),
     ],

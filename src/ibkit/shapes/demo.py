@@ -193,6 +193,25 @@ def scored_results(results_dir: Path, out: Path) -> tuple[dict, dict]:
     return held_out, held_in
 
 
+def heldin_by_shapes(results_dir: Path, out: Path) -> dict[str, dict[str, dict]]:
+    """Held-in VQA accuracy per question type and number of shapes in the picture: ``{type: {"1": cell, ...}}``.
+
+    Separates two failures: a type right with one shape and wrong with more does not bind an attribute to
+    the object the question names; a type wrong with a single shape never gets the attribute through."""
+    from ibkit.data.registry import load_samples
+    from ibkit.eval.uncertainty import grouped_with_error, read_predictions
+
+    groups = {s.sample_id: (s.extra.get("question_type", "?"), len(s.extra["scene"]["objects"]))
+              for s in load_samples(HELD_IN_VQA, out, "val")}
+    records = read_predictions(results_dir / "predictions" / f"{HELD_IN_VQA}.jsonl")
+    cells = grouped_with_error(records, "vqa_accuracy", lambda record: "{}|{}".format(*groups[record["sample_id"]]))
+    nested: dict[str, dict[str, dict]] = {}
+    for key, cell in cells.items():
+        kind, count = key.rsplit("|", 1)
+        nested.setdefault(kind, {})[count] = cell
+    return nested
+
+
 def _curve_folders(pipeline: Pipeline) -> dict[str, Path]:
     return {"encoder": pipeline.run("encoder"), "lm": pipeline.lm.parent, "blip2_stage1": pipeline.run("blip2_stage1"),
             "blip2_stage2": pipeline.run("blip2_stage2"), "instruct": pipeline.run("instruct")}
@@ -231,9 +250,11 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
                        ("instruct", lambda: pipeline.instruct(export=True))):
         step()
         clock.done(STEP_LABELS[name])
-    heldout, heldin = {}, {}
+    heldout, heldin, by_shapes = {}, {}, {}
     for model in MODELS:
-        heldout[model], heldin[model] = scored_results(pipeline.evaluate(model), out)
+        results_dir = pipeline.evaluate(model)
+        heldout[model], heldin[model] = scored_results(results_dir, out)
+        by_shapes[model] = heldin_by_shapes(results_dir, out)
     clock.done(STEP_LABELS["evaluate"])
     names = dict(zip(STEP_LABELS, clock.seconds.values()))
     results = {
@@ -241,6 +262,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
         "heldout": heldout,
         "chance": {name: chance_level(name) for name in heldout["instructblip"]},
         "heldin_vqa_by_type": heldin,
+        "heldin_vqa_by_shapes": by_shapes,
         "heldin_questions": sum(v["n"] for v in heldin["instructblip"].values()),
         "steps": {key: {"label": STEP_LABELS[key], "seconds": seconds, "curve": key if key != "evaluate" else None}
                   for key, seconds in names.items()},

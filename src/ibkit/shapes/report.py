@@ -85,6 +85,17 @@ def check_results(results: Any) -> None:
             raise ValueError(f"results['heldin_vqa_by_type'][{model!r}]: not a model of results['models']")
         for kind, cell in _mapping(types, f"results['heldin_vqa_by_type'][{model!r}]", "type -> cell").items():
             _check_cell(cell, f"results['heldin_vqa_by_type'][{model!r}][{kind!r}]", needs_metric=False)
+    by_shapes = _mapping(results.get("heldin_vqa_by_shapes", {}), "results['heldin_vqa_by_shapes']",
+                         "model -> type -> number of shapes -> cell")
+    for model, types in by_shapes.items():
+        if model not in models:
+            raise ValueError(f"results['heldin_vqa_by_shapes'][{model!r}]: not a model of results['models']")
+        for kind, counts in _mapping(types, f"results['heldin_vqa_by_shapes'][{model!r}]", "type -> count -> cell").items():
+            where = f"results['heldin_vqa_by_shapes'][{model!r}][{kind!r}]"
+            for count, cell in _mapping(counts, where, "number of shapes -> cell").items():
+                if not str(count).isdigit():
+                    raise ValueError(f"{where}: key {count!r} is not a number of shapes")
+                _check_cell(cell, f"{where}[{count!r}]", needs_metric=False)
     steps = _mapping(results.get("steps", {}), "results['steps']", "step -> {'label', 'seconds', 'curve'}")
     for step, info in steps.items():
         where = f"results['steps'][{step!r}]"
@@ -269,6 +280,22 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             ns = sorted({c["n"] for c in cells if c is not None})
             lines.append(f"| {kind} | {' / '.join(map(str, ns))} | " + " | ".join(_pm(c) for c in cells) + " |")
         lines += ["", "VQA accuracy ± one standard error.", ""]
+
+    by_shapes = results.get("heldin_vqa_by_shapes") or {}
+    if by_shapes:
+        counts = sorted({int(c) for types in by_shapes.values() for cells in types.values() for c in cells})
+        lines += ["## Held-in VQA by number of shapes in the picture", "",
+                  "| question type | model | " + " | ".join(f"{c} shape{'s' if c > 1 else ''}" for c in counts) + " |",
+                  "|---|---|" + "---:|" * len(counts)]
+        for kind in _datasets(by_shapes):
+            for model, label in zip(models, labels):
+                cells = by_shapes.get(model, {}).get(kind)
+                if cells:
+                    row = [_pm(cells.get(str(c)), 2) + f" ({cells[str(c)]['n']})" if str(c) in cells else "-" for c in counts]
+                    lines.append(f"| {kind} | {label} | " + " | ".join(row) + " |")
+        lines += ["", "VQA accuracy ± one standard error (n). A type right with one shape and wrong with more fails "
+                  "to bind the attribute to the object the question names; one wrong with a single shape never gets "
+                  "the attribute through at all.", ""]
 
     steps = results.get("steps") or {}
     if steps:
