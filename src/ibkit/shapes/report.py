@@ -245,7 +245,8 @@ def _datasets(per_model: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def results_markdown(results: Mapping[str, Any]) -> str:
-    """results.md: the held-out table, the held-in VQA table by question type, the time per step (each once)."""
+    """results.md: the held-out table, the held-in VQA tables by question type and by number of shapes, the time
+    per step (each once)."""
     check_results(results)
     models = list(results["models"])
     labels = [results["models"][m]["label"] for m in models]
