@@ -292,7 +292,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             for model, label in zip(models, labels):
                 cells = by_shapes.get(model, {}).get(kind)
                 if cells:
-                    row = [_pm(cells.get(str(c)), 2) + f" ({cells[str(c)]['n']})" if str(c) in cells else "-" for c in counts]
+                    row = [_pm(cells[str(c)], 2) + f" ({cells[str(c)]['n']})" if str(c) in cells else "-" for c in counts]
                     lines.append(f"| {kind} | {label} | " + " | ".join(row) + " |")
         lines += ["", "VQA accuracy ± one standard error (n). A type right with one shape and wrong with more fails "
                   "to bind the attribute to the object the question names; one wrong with a single shape never gets "
