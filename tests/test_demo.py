@@ -54,19 +54,27 @@ def test_demo_configs_share_their_data_and_their_networks():
     assert max(abs(sqrt[name] - uniform[name]) for name in train) > 0.05
     # the evaluation config only adds the protocol to the network it is stacked on
     assert set(_config("eval")["data"]["init_args"]) & set(DATA_KEYS) == set()
+    # the side warm-up stacked on instruction tuning: its own steps, run folder and data, the same network;
+    # instruction tuning then starts from its checkpoint
+    side = _config("instruct_side")
+    assert set(side) == {"trainer", "model", "data"} and set(side["model"]["init_args"]) == {"init_from"}
+    assert side["data"]["init_args"] == {"datasets": ["shapes_vqa"], "question_types": ["side"]}
+    starts = configs["instruct"]["model"]["init_args"]["init_from"]
+    assert starts == [*side["model"]["init_args"]["init_from"], f"{side['trainer']['default_root_dir']}/checkpoints/last.ckpt"]
 
 
 @pytest.mark.slow
 def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
     sizes = "{train: 12, val: 6, test: 6, shapes_vqa.val: 12, shapes_text.train: 160, shapes_text.val: 12}"
-    steps = {step: 2 for step in ("encoder", "lm", *STAGES)}
+    steps = {step: 2 for step in ("encoder", "lm", *STAGES, "instruct_side")}
     results = run_demo(tmp_path, steps=steps, max_eval_samples=4, sizes=sizes)
     check_results(results)
     assert json.loads((tmp_path / "results.json").read_text())["heldout"] == results["heldout"]
     assert set(results["heldout"]) == set(MODELS)
     assert set(results["heldout"]["instructblip"]) == set(HELD_OUT)
     assert all(cell["n"] == 4 for cell in results["heldout"]["blip2"].values())
-    assert list(results["steps"]) == ["encoder", "lm", *STAGES, "evaluate"]
+    assert list(results["steps"]) == ["encoder", "lm", "blip2_stage1", "blip2_stage2", "instruct_side", "instruct",
+                                      "evaluate"]
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert (tmp_path / "results.md").read_text().count("| shapes_vsr |") == 1
     # held-in VQA split by the number of shapes: the same questions as the per-type table, counted from the scenes
@@ -81,6 +89,12 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
     # the encoder's weights reached the frozen encoder of every later stage, through encoder.safetensors
     assert (tmp_path / "encoder" / "model" / "encoder.safetensors").is_file()
     assert (tmp_path / "instruct" / "model" / "config.json").is_file()  # the instruction-tuned model, exported
+    # instruction tuning started from the side warm-up, which trained on side questions only
+    assert (tmp_path / "instruct_side" / "checkpoints" / "last.ckpt").is_file()
+    logged = yaml.safe_load((tmp_path / "instruct" / "config.yaml").read_text())
+    assert logged["model"]["init_args"]["init_from"][-1] == str(tmp_path / "instruct_side" / "checkpoints" / "last.ckpt")
+    warmup = yaml.safe_load((tmp_path / "instruct_side" / "config.yaml").read_text())["data"]["init_args"]
+    assert (warmup["datasets"], warmup["question_types"]) == (["shapes_vqa"], ["side"])
     # every stage with the frozen encoder read its features from the cache beside the data
     assert {"shapes_caption", "shapes_vqa"} <= {d.name for d in (tmp_path / "cache").iterdir()}
     # BLIP-2 and InstructBLIP were evaluated on the same samples with the same prompts
@@ -97,6 +111,7 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
     for arm in ABLATIONS:
         runs = tmp_path / "swapped_encoder" if arm == "swapped_encoder" else tmp_path
         assert (runs / f"{arm}_seed0" / "eval" / "instructblip" / "results.json").is_file(), arm
+        assert (runs / f"{arm}_seed0" / "instruct_side" / "checkpoints" / "last.ckpt").is_file(), arm
     assert (tmp_path / "ablation.png").stat().st_size > 0
     stamp = (tmp_path / "default_seed0" / "eval" / "instructblip" / "results.json").stat().st_mtime_ns
     again = run_ablation(tmp_path, seeds=(0,), steps=steps, max_eval_samples=4, sizes=sizes)  # resumes: nothing reruns

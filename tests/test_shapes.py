@@ -93,7 +93,7 @@ def test_manifest_skips_when_equal_and_regenerates_on_change(tmp_path: Path) -> 
     assert annotation.read_bytes() != before[0]
 
     make_shapes(tmp_path, seed=1, sizes={"train": 4, "val": 2}, names=names, progress=False)
-    assert len(load_samples("shapes_vqa", tmp_path, "train")) == 4
+    assert len({s.image for s in load_samples("shapes_vqa", tmp_path, "train")}) == 4  # 4 pictures
     assert sorted(p.name for p in (folder / "images" / "train").iterdir()) == [
         f"{i:06d}.png" for i in range(4)
     ]
@@ -130,7 +130,10 @@ def test_every_shapes_spec_loads_through_the_registry(tmp_path: Path) -> None:
         assert spec.splits == (("train", "val") if spec.held_in else ("val", "test")), spec.name
         for split in spec.splits:
             samples = load_samples(spec.name, tmp_path, split, strict=True)
-            assert len(samples) == TINY_SIZES[split], (spec.name, split)
+            media_files = {s.video if spec.modality == "video" else s.image for s in samples}
+            assert len(media_files) == TINY_SIZES[split], (spec.name, split)  # sizes count pictures (clips)
+            several = spec.name == "shapes_vqa" and split == "train"  # VQAv2-like: several questions per picture
+            assert (len(samples) > len(media_files)) if several else (len(samples) == len(media_files))
             assert len({s.sample_id for s in samples}) == len(samples)
             for sample in samples:
                 assert sample.dataset == spec.name
@@ -274,6 +277,38 @@ def test_answers_match_the_scene(medium_root: Path, name: str) -> None:
                 assert len(set(sample.candidates)) == len(sample.candidates)
         if name == "shapes_vqa":
             assert {s.answers[0] for s in samples} >= {"yes", "no"}
+
+
+def test_vqa_training_pictures_carry_several_questions_and_validation_pictures_one(medium_root: Path) -> None:
+    from ibkit.shapes.tasks import VQA_TRAIN_QUESTIONS
+
+    train = load_samples("shapes_vqa", medium_root, "train", strict=True)
+    by_picture: dict[str, list[Sample]] = {}
+    for sample in train:
+        by_picture.setdefault(sample.image, []).append(sample)
+    assert len(by_picture) == MEDIUM["train"] and len({s.sample_id for s in train}) == len(train)
+    for samples in by_picture.values():
+        scene = _scene(samples[0])
+        assert all(_scene(s) == scene for s in samples)
+        kinds = [s.extra["question_type"] for s in samples]
+        questions = [s.question for s in samples]
+        assert len(set(questions)) == len(questions)  # never the same question twice about one picture
+        # as many of each type as asked, where the scene has that many unambiguous questions
+        shapes, colors = ([getattr(o, key) for o in scene.objects] for key in ("shape", "color"))
+        supported = {
+            "color": sum(shapes.count(o.shape) == 1 for o in scene.objects),  # "the circle" names one shape
+            "shape": sum(colors.count(o.color) == 1 for o in scene.objects),  # "the red object" too
+            "count": 1,
+            "exists": 2,
+            "size": len(scene.objects),
+            "side": sum(abs(o.x - 0.5) >= 0.15 for o in scene.objects),  # away from the middle
+        }
+        assert {kind: kinds.count(kind) for kind in supported} == {
+            kind: min(most, supported[kind]) for kind, most in VQA_TRAIN_QUESTIONS.items()
+        }
+        assert sorted(s.answers[0] for s in samples if s.extra["question_type"] == "exists") == ["no", "yes"]
+    val = load_samples("shapes_vqa", medium_root, "val", strict=True)
+    assert len({s.image for s in val}) == len(val) == MEDIUM["val"]
 
 
 def test_vqg_conditions_on_the_answer_and_targets_the_question(medium_root: Path) -> None:

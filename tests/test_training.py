@@ -382,4 +382,27 @@ def test_tiny_datamodule_passes_mixing_multipliers_on(workspace):
         dm.setup("fit")
     assert weighted.mixture["shapes_vqa"] / weighted.mixture["shapes_caption"] == pytest.approx(
         2 * plain.mixture["shapes_vqa"] / plain.mixture["shapes_caption"])
-    assert plain.mixture == pytest.approx(mixture_weights(dict.fromkeys(TINY_TRAIN, 6), "sqrt"))
+    sizes = dict(zip(plain.train_dataset.names, plain.train_dataset.sizes))
+    assert sizes == {**dict.fromkeys(TINY_TRAIN, 6), "shapes_vqa": sizes["shapes_vqa"]}
+    assert sizes["shapes_vqa"] > 6  # 6 pictures, several questions each
+    assert plain.mixture == pytest.approx(mixture_weights(sizes, "sqrt"))
+
+
+def test_tiny_datamodule_keeps_only_the_training_questions_of_the_types_asked(workspace):
+    from ibkit.shapes.datamodule import TinyShapesDataModule
+
+    every = TinyShapesDataModule(root=str(workspace), datasets=["shapes_vqa"], eval_datasets=["shapes_vqa"])
+    side = TinyShapesDataModule(root=str(workspace), datasets=["shapes_vqa"], eval_datasets=["shapes_vqa"],
+                                question_types=["side", "size"])
+    for dm in (every, side):
+        dm.setup("fit")
+    kinds = [s.extra["question_type"] for s in every.train_dataset.datasets[0].samples]
+    kept = [s.extra["question_type"] for s in side.train_dataset.datasets[0].samples]
+    assert set(kinds) > {"side", "size"} and sorted(kept) == sorted(k for k in kinds if k in ("side", "size"))
+    # evaluation sets are never filtered
+    assert [s.sample_id for s in side.eval_datasets[0].samples] == [s.sample_id for s in every.eval_datasets[0].samples]
+    with pytest.raises(ValueError, match=r"question_types: \['sides'\]"):
+        TinyShapesDataModule(root=str(workspace), question_types=["sides"])
+    captions = TinyShapesDataModule(root=str(workspace), datasets=["shapes_caption"], question_types=["side"])
+    with pytest.raises(ValueError, match=r"shapes_caption \(train\): no training question of types \['side'\]"):
+        captions.setup("fit")

@@ -144,6 +144,9 @@ class TinyShapesDataModule(InstructionDataModule):
     rendered data, so ``qformer_tokenizer``/``llm_tokenizer`` (folders) override them, e.g. with a trained
     model's own to evaluate it on data rendered from another seed. Being its own tokenizers, they stay
     through ``connect``, which refuses them when they number the model's tokens differently.
+
+    ``question_types`` keeps only the training questions of those types (``extra.question_type``: color,
+    shape, count, exists, size, side), e.g. the demo's side warm-up; evaluation sets are never filtered.
     """
 
     def __init__(
@@ -170,7 +173,13 @@ class TinyShapesDataModule(InstructionDataModule):
         multipliers: dict[str, float] | None = None,
         qformer_tokenizer: str | None = None,
         llm_tokenizer: str | None = None,
+        question_types: list[str] | None = None,
     ) -> None:
+        from ibkit.shapes.scenes import QA_TYPES
+
+        unknown = sorted(set(question_types or ()) - set(QA_TYPES))
+        if unknown or question_types == []:
+            raise ValueError(f"question_types: {unknown or question_types} not among {list(QA_TYPES)}")
         root_path = Path(root)
         super().__init__(
             datasets=list(TINY_TRAIN if datasets is None else datasets),
@@ -200,9 +209,20 @@ class TinyShapesDataModule(InstructionDataModule):
         self.data_seed = data_seed
         self.render_size = render_size
         self.sizes = dict(sizes) if sizes else None
+        self.question_types = list(question_types) if question_types else None
 
     def prepare_data(self) -> None:
         prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes)
+
+    def _load(self, name: str, split: str) -> list:
+        samples = super()._load(name, split)
+        if self.question_types is None or split != self.train_split:
+            return samples
+        kept = [s for s in samples if s.extra.get("question_type") in self.question_types]
+        if not kept:
+            raise ValueError(f"{name} ({split}): no training question of types {self.question_types} "
+                             f"(question_types keeps only those; the dataset has none)")
+        return kept
 
 
 class TinyShapesPretrainDataModule(PretrainData, TinyShapesDataModule):

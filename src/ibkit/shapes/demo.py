@@ -9,7 +9,9 @@ module (package data), printed as it runs:
 2. ``lm``: a small T5 trained on a text-only instruction corpus about scene descriptions (the FlanT5 stand-in);
 3. ``blip2_stage1``: BLIP-2 stage 1 (ITC + ITM + ITG) with the encoder frozen;
 4. ``blip2_stage2``: BLIP-2 stage 2 (prefix LM on captions) with encoder and T5 frozen;
-5. ``instruct``: instruction tuning of the Q-Former on the held-in shapes tasks;
+5. ``instruct_side``: a warm-up of the Q-Former on the held-in side questions alone (the demo's departure
+   from the paper, see ``configs/instruct_side.yaml``), then ``instruct``: instruction tuning of the
+   Q-Former on the held-in shapes tasks;
 6. ``evaluate``: the BLIP-2 stage-2 model and the instruction-tuned model, zero-shot on the held-out
    families and on held-in VQA, with the same prompts; standard errors from the per-sample scores.
 """
@@ -85,7 +87,7 @@ class Pipeline:
 
     # -- paths --------------------------------------------------------------------------------------
     def run(self, step: str) -> Path:
-        if self.pretrained_runs is not None and step != "instruct":
+        if self.pretrained_runs is not None and step not in INSTRUCTION_TUNING:
             return self.pretrained_runs / step
         return self.runs / step
 
@@ -106,8 +108,8 @@ class Pipeline:
                 f"--data.init_args.data_seed={self.data_seed}"]
         return args + ([f"--data.init_args.sizes={self.sizes}"] if self.sizes else [])
 
-    def _configs(self, name: str, swappable: bool = True) -> list[str]:
-        configs = ["--config", str(CONFIGS / f"{name}.yaml")]
+    def _configs(self, name: str, swappable: bool = True, stacked: Sequence[str] = ()) -> list[str]:
+        configs = [arg for config in (name, *stacked) for arg in ("--config", str(CONFIGS / f"{config}.yaml"))]
         if swappable and self.swap:
             configs += ["--config", str(CONFIGS / f"{self.swap}.yaml")]
         return configs
@@ -127,9 +129,11 @@ class Pipeline:
     def _init_from(paths: Sequence[Path]) -> list[str]:
         return ["--model.init_args.init_from=[" + ", ".join(str(p) for p in paths) + "]"]
 
-    def fit(self, step: str, config: str, extra: list[str], export: bool = False, swappable: bool = True) -> None:
+    def fit(self, step: str, config: str, extra: list[str], export: bool = False, swappable: bool = True,
+            stacked: Sequence[str] = ()) -> None:
         run = self.run(step) if step != "lm" else self.lm.parent
-        args = [*self._configs(config, swappable), *self._data(), *self._trainer(run, self.steps.get(step)), *extra]
+        args = [*self._configs(config, swappable, stacked), *self._data(), *self._trainer(run, self.steps.get(step)),
+                *extra]
         _ibkit(["fit", *args])
         if export:
             _ibkit(["export", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--output", str(run / "model")])
@@ -157,8 +161,15 @@ class Pipeline:
         self.fit("blip2_stage2", "blip2_stage2", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
                                                   self._cache])
 
-    def instruct(self, extra: Sequence[str] = (), export: bool = False) -> None:
+    def instruct_side(self, extra: Sequence[str] = ()) -> None:
+        """Step 5a: the instruction-tuning config with instruct_side.yaml stacked on it (side questions only)."""
         starts = [self.encoder_weights, self.ckpt("blip2_stage1"), self.ckpt("blip2_stage2")]
+        self.fit("instruct_side", "instruct", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
+                                               self._cache, *extra], stacked=["instruct_side"])
+
+    def instruct(self, extra: Sequence[str] = (), export: bool = False) -> None:
+        """Step 5b, from step 5a's checkpoint (:meth:`instruct_side` first)."""
+        starts = [self.encoder_weights, self.ckpt("blip2_stage1"), self.ckpt("blip2_stage2"), self.ckpt("instruct_side")]
         self.fit("instruct", "instruct", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
                                           self._cache, *extra], export=export)
 
@@ -214,7 +225,8 @@ def heldin_by_shapes(results_dir: Path, out: Path) -> dict[str, dict[str, dict]]
 
 def _curve_folders(pipeline: Pipeline) -> dict[str, Path]:
     return {"encoder": pipeline.run("encoder"), "lm": pipeline.lm.parent, "blip2_stage1": pipeline.run("blip2_stage1"),
-            "blip2_stage2": pipeline.run("blip2_stage2"), "instruct": pipeline.run("instruct")}
+            "blip2_stage2": pipeline.run("blip2_stage2"), "instruct_side": pipeline.run("instruct_side"),
+            "instruct": pipeline.run("instruct")}
 
 
 def _curves(pipeline: Pipeline) -> dict[str, list[tuple[int, float]]]:
@@ -231,7 +243,9 @@ def _curves(pipeline: Pipeline) -> dict[str, list[tuple[int, float]]]:
 
 STEP_LABELS = {"encoder": "encoder pretraining (vision words)", "lm": "T5 on the text instruction corpus",
                "blip2_stage1": "BLIP-2 stage 1 (ITC + ITM + ITG)", "blip2_stage2": "BLIP-2 stage 2 (prefix LM)",
-               "instruct": "instruction tuning", "evaluate": "evaluation (both models)"}
+               "instruct_side": "side warm-up (side questions only)", "instruct": "instruction tuning",
+               "evaluate": "evaluation (both models)"}
+INSTRUCTION_TUNING = ("instruct_side", "instruct")  # the steps an ablation arm runs itself
 
 
 def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None] | None = None,
@@ -247,7 +261,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     clock = StepClock()
     for name, step in (("encoder", pipeline.encoder), ("lm", pipeline.language_model),
                        ("blip2_stage1", pipeline.blip2_stage1), ("blip2_stage2", pipeline.blip2_stage2),
-                       ("instruct", lambda: pipeline.instruct(export=True))):
+                       ("instruct_side", pipeline.instruct_side), ("instruct", lambda: pipeline.instruct(export=True))):
         step()
         clock.done(STEP_LABELS[name])
     heldout, heldin, by_shapes = {}, {}, {}
@@ -345,6 +359,8 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
                                 pretrained_runs=source.runs)
             done = pipeline.runs / "eval" / "instructblip" / "results.json"
             if not done.exists():
+                if not pipeline.ckpt("instruct_side").exists():
+                    pipeline.instruct_side([*extra, f"--data.init_args.seed={seed}"])
                 pipeline.instruct([*extra, f"--data.init_args.seed={seed}"])
                 pipeline.evaluate("instructblip", [a for a in extra if "instruction_aware" in a])
             heldout, heldin = scored_results(done.parent, out)

@@ -81,7 +81,8 @@ def shapes_specs() -> list[DatasetSpec]:
             prompt=PROMPT_SHORT_QA,
             templates="vqa",
             generation=GEN_SHORT,
-            description="colour / shape / count / yes-no / size / side questions (VQAv2-like)",
+            description="colour / shape / count / yes-no / size / side questions (VQAv2-like: several per "
+                        "training picture, one per validation picture)",
         ),
         _spec(
             "shapes_vqg",

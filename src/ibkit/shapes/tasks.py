@@ -69,6 +69,7 @@ def _options(rng: random.Random, answer: str, universe: Sequence[str], count: in
 # Each maker draws one sample: (annotation fields, scene). Held-in makers use TRAIN_PAIRS only.
 
 Maker = Callable[[random.Random], tuple[Record, Scene]]
+MultiMaker = Callable[[random.Random], tuple[list[Record], Scene]]  # several samples of one picture
 
 
 def _plain_scene(rng: random.Random, pairs: Sequence[tuple[str, str]] = TRAIN_PAIRS, most: int = 4) -> Scene:
@@ -91,6 +92,28 @@ def _make_vqa(rng: random.Random) -> tuple[Record, Scene]:
         "answers": [answer] * VQA_ANSWER_COPIES,
         "extra": {"question_type": qtype},
     }, scene
+
+
+# Questions per training picture and type (VQAv2 asks ~5.4 per image): at most this many of each type the
+# scene supports; "exists" is one yes and one no question. Side is asked of every shape away from the middle.
+# With one question per picture (as val has) the demo ended at side 0.55, size 0.54, "is there" 0.55; with
+# these counts and the side warm-up (configs/instruct_side.yaml) at 0.63, 0.74, 0.66 (README, the demo).
+VQA_TRAIN_QUESTIONS = {"color": 2, "shape": 2, "count": 1, "exists": 2, "size": 2, "side": 4}
+
+
+def _make_vqa_train(rng: random.Random) -> tuple[list[Record], Scene]:
+    """Several questions about one picture (VQA_TRAIN_QUESTIONS), as VQAv2 has: one record each."""
+    scene = _plain_scene(rng)
+    pool = qa_pool(scene, TRAIN_PAIRS)
+    records = []
+    for qtype, most in VQA_TRAIN_QUESTIONS.items():
+        if qtype == "exists":
+            chosen = [rng.choice(pool[key]) for key in ("exists_yes", "exists_no") if pool[key]][:most]
+        else:
+            chosen = rng.sample(pool[qtype], min(most, len(pool[qtype])))
+        records += [{"question": question, "answers": [answer] * VQA_ANSWER_COPIES,
+                     "extra": {"question_type": qtype}} for question, answer in chosen]
+    return records, scene
 
 
 def _make_vqg(rng: random.Random) -> tuple[Record, Scene]:
@@ -332,3 +355,10 @@ TASKS: dict[str, Maker] = {
     "shapes_msvdqa": _make_msvdqa,
     "shapes_nocaps": _make_nocaps,
 }
+# the train split's maker where it differs: several samples (records) of one picture
+TRAIN_TASKS: dict[str, MultiMaker] = {"shapes_vqa": _make_vqa_train}
+
+
+def maker_for(name: str, split: str) -> Maker | MultiMaker:
+    """The generator of ``name``'s ``split``: TRAIN_TASKS for a train split that has one, else TASKS."""
+    return TRAIN_TASKS.get(name, TASKS[name]) if split == "train" else TASKS[name]

@@ -15,10 +15,12 @@ from pathlib import Path
 
 from ibkit.shapes.render import check_image_size, render_image, save_png, write_clip
 from ibkit.shapes.specs import SPECS, SUITE
-from ibkit.shapes.tasks import TASKS
+from ibkit.shapes.tasks import maker_for
 from ibkit.shapes.text_corpus import TEXT_CORPUS, TEXT_SPLITS, write_text_corpus
 
-GENERATOR_VERSION = 2  # bump when the generated content changes: old folders then fail the manifest check
+# bump when the generated content changes: old folders then fail the manifest check
+# (3: several questions per shapes_vqa training picture)
+GENERATOR_VERSION = 3
 DEFAULT_SIZES = {"train": 2000, "val": 100, "test": 200}
 TINY_SIZES = {"train": 6, "val": 3, "test": 6}
 
@@ -78,28 +80,31 @@ def _up_to_date(folder: Path, manifest: dict) -> bool:
 def _generate(folder: Path, manifest: dict, progress: Callable[[int], object]) -> None:
     """Write one dataset into a scratch folder and move it into place, so a crash never leaves a half set."""
     name, seed, image_size = manifest["dataset"], manifest["seed"], manifest["image_size"]
-    spec, maker = SPECS[name], TASKS[name]
+    spec = SPECS[name]
     media = "videos" if spec.modality == "video" else "images"
     scratch = folder.with_name(f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     for split, count in manifest["sizes"].items():
         rng = random.Random(f"ibkit-shapes:{seed}:{name}:{split}")  # str seeds are stable across processes
         records = []
-        for index in range(count):
+        maker = maker_for(name, split)
+        for index in range(count):  # count pictures (clips); a picture with several questions has a record each
             fields, scene = maker(rng)
             relative = f"{split}/{index:06d}." + ("mp4" if spec.modality == "video" else "png")
             if spec.modality == "video":
                 write_clip(scene, image_size, scratch / media / relative)
             else:
                 save_png(render_image(scene, image_size), scratch / media / relative)
-            records.append(
-                {
-                    "id": f"{name}-{split}-{index:06d}",
-                    ("video" if media == "videos" else "image"): relative,
-                    **fields,
-                    "scene": scene.to_json(),
-                }
-            )
+            several = isinstance(fields, list)
+            for number, sample_fields in enumerate(fields if several else [fields]):
+                records.append(
+                    {
+                        "id": f"{name}-{split}-{index:06d}" + (f"-q{number}" if several else ""),
+                        ("video" if media == "videos" else "image"): relative,
+                        **sample_fields,
+                        "scene": scene.to_json(),
+                    }
+                )
             progress(1)
         info = {"dataset": name, "split": split, "seed": seed, "image_size": image_size, "media": media}
         (scratch / media).mkdir(parents=True, exist_ok=True)
@@ -128,7 +133,8 @@ def make_shapes(
 
     Idempotent: a dataset whose manifest (generator version, seed, image size, split sizes) matches
     is left alone; a different manifest regenerates it. ``sizes`` maps a split (``"train"``) or
-    ``"<dataset>.<split>"`` to a sample count (defaults: DEFAULT_SIZES). The text instruction corpus
+    ``"<dataset>.<split>"`` to a count of pictures (clips) (defaults: DEFAULT_SIZES); one picture is one
+    sample except in shapes_vqa's train split, which asks several questions of each (VQAv2-like). The text instruction corpus
     (:mod:`ibkit.shapes.text_corpus`, ``<root>/shapes/shapes_text/``) is written only when ``sizes`` names
     ``shapes_text.train``, so that other presets stay unchanged.
     """
