@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from ibkit.models.precision import (
     default_policy,
     fast_bf16,
     inference_model,
+    pinned_cpu_bf16,
 )
 from ibkit.models.transformers_io import qformer_config_from_hf
 
@@ -283,6 +285,27 @@ def test_cpu_bf16_env_forces_the_policy_whatever_the_peaks(monkeypatch):
     monkeypatch.setenv(CPU_BF16_ENV, "yes")
     with pytest.raises(ValueError, match=CPU_BF16_ENV):
         fast_bf16("cpu")
+
+
+@pytest.mark.parametrize("peaks, decision", [({"fp32": 1.0, "bf16": 4.0}, True), ({"fp32": 1.0, "bf16": 1.2}, False)])
+def test_pinned_cpu_bf16_decides_once_for_every_run_inside_and_restores_the_environment(monkeypatch, peaks, decision):
+    import ibkit.models.precision as precision
+
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    with pinned_cpu_bf16(peaks) as pinned:
+        assert pinned is decision
+
+        def no_timing(*args, **kwargs):
+            raise AssertionError("the pinned decision must not time matmuls again")
+
+        monkeypatch.setattr(precision, "matmul_peak", no_timing)
+        policy = default_policy("cpu")  # a later step of the pipeline
+        assert (policy.autocast_dtype == "bf16") is decision and fast_bf16("cpu") is decision
+    assert CPU_BF16_ENV not in os.environ  # unset again: the next process measures afresh
+    monkeypatch.setenv(CPU_BF16_ENV, "0")  # a decision the user forced is kept, inside and after
+    with pinned_cpu_bf16({"fp32": 1.0, "bf16": 4.0}) as pinned:
+        assert pinned is False
+    assert os.environ[CPU_BF16_ENV] == "0"
 
 
 def test_inference_copy_shares_frozen_weights_and_stores_the_bridge_in_bf16(model):

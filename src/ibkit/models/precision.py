@@ -129,9 +129,10 @@ def forced_fast_bf16(device: torch.device | str) -> bool | None:
     return value == "1"
 
 
-def fast_bf16(device: torch.device | str, peaks: dict[str, float] | None = None) -> bool:
+def fast_bf16(device: torch.device | str, peaks: dict[str, float] | None = None, rounds: int = 1) -> bool:
     """Whether bf16 pays on ``device``: forced by ``IBKIT_CPU_BF16`` on CPU, else from the matmul peaks
-    (``{"fp32": ..., "bf16": ...}``, measured here when not given)."""
+    (``{"fp32": ..., "bf16": ...}``, measured here when not given: the best of ``rounds`` alternating
+    timings of each, so that a stall of a shared machine during one timing does not decide)."""
     device = torch.device(device)
     forced = forced_fast_bf16(device)
     if forced is not None:
@@ -139,8 +140,31 @@ def fast_bf16(device: torch.device | str, peaks: dict[str, float] | None = None)
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return False
     if peaks is None:
-        peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+        peaks = {"fp32": 0.0, "bf16": 0.0}
+        for _ in range(rounds):
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                peaks[name] = max(peaks[name], matmul_peak(dtype, device))
     return peaks["bf16"] >= FAST_BF16_FACTOR * peaks["fp32"]
+
+
+@contextlib.contextmanager
+def pinned_cpu_bf16(peaks: dict[str, float] | None = None):
+    """Decide fast bf16 on the CPU once and force that decision (``IBKIT_CPU_BF16``) until the block ends.
+
+    A pipeline of several runs in one process (``ibkit demo``) would otherwise time matmuls at every
+    step; one noisy timing would switch a step's precision and change its numbers, and a seed would no
+    longer fix the results. Yields the decision; a decision already forced is kept as it is.
+    """
+    before = os.environ.get(CPU_BF16_ENV)
+    decision = fast_bf16("cpu", peaks, rounds=3)
+    os.environ[CPU_BF16_ENV] = "1" if decision else "0"
+    try:
+        yield decision
+    finally:
+        if before is None:
+            os.environ.pop(CPU_BF16_ENV, None)
+        else:
+            os.environ[CPU_BF16_ENV] = before
 
 
 def default_policy(

@@ -401,8 +401,12 @@ def demo(output_dir: str | None = None, seed: int = 0, steps: dict[str, int] | N
         seeds: the seeds of ``ablation``.
         sizes: split sizes of the shapes data, e.g. ``'{train: 64, val: 8, test: 8}'``.
     """
+    from ibkit.models.precision import pinned_cpu_bf16
+
     output_dir = output_dir or ("outputs/ablation" if ablation else "outputs/demo")
-    if ablation:
-        run_ablation(output_dir, tuple(seeds), steps, max_eval_samples, sizes)
-    else:
-        run_demo(output_dir, seed, steps, max_eval_samples, sizes)
+    with pinned_cpu_bf16() as bf16:  # one precision for every step: a noisy timing must not change a result
+        print(f"[demo] fast bf16 on this CPU: {'yes' if bf16 else 'no'} (decided once for every step)", flush=True)
+        if ablation:
+            run_ablation(output_dir, tuple(seeds), steps, max_eval_samples, sizes)
+        else:
+            run_demo(output_dir, seed, steps, max_eval_samples, sizes)
