@@ -179,7 +179,10 @@ def assert_folder_runs_in_transformers(folder: Path, ours, prompts: list[str], m
             ref = hf(**inputs, labels=labels).logits
             got = ours(**ours_inputs, labels=labels).logits
         vocab = got.shape[-1]  # the image token's new row (if the export added one) is not ibkit's
-        torch.testing.assert_close(ref[..., :vocab], got, atol=1e-4, rtol=1e-4)
+        # fp32 rounding grows with the logits' size (trained tiny T5s reach |logit| ~20): the tolerance
+        # follows it, 1e-5 of the largest logit, still orders of magnitude below any real mismatch
+        atol = max(1e-4, 1e-5 * ref.abs().max().item())
+        torch.testing.assert_close(ref[..., :vocab], got, atol=atol, rtol=1e-4)
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         generated = hf.generate(**inputs, **kwargs)
         mine = ours.generate(**ours_inputs, **kwargs)
