@@ -134,9 +134,9 @@ def make_shapes(
     Idempotent: a dataset whose manifest (generator version, seed, image size, split sizes) matches
     is left alone; a different manifest regenerates it. ``sizes`` maps a split (``"train"``) or
     ``"<dataset>.<split>"`` to a count of pictures (clips) (defaults: DEFAULT_SIZES); one picture is one
-    sample except in shapes_vqa's train split, which asks several questions of each (VQAv2-like). The text instruction corpus
-    (:mod:`ibkit.shapes.text_corpus`, ``<root>/shapes/shapes_text/``) is written only when ``sizes`` names
-    ``shapes_text.train``, so that other presets stay unchanged.
+    sample except in shapes_vqa's train split, which asks several questions of each (VQAv2-like). The text
+    instruction corpus (:mod:`ibkit.shapes.text_corpus`, ``<root>/shapes/shapes_text/``) is written only
+    when ``sizes`` names ``shapes_text.train``, so that other presets stay unchanged.
     """
     from tqdm import tqdm
 
