@@ -289,3 +289,24 @@ def test_init_from_in_order_warns_once_about_what_no_file_covers(tmp_path, caplo
     assert {k for k in state if k.startswith(("vision_encoder.", "qformer."))} <= covered
     assert torch.equal(target.qformer.state_dict()["encoder.layer.0.attention.attention.query.weight"],
                        source.qformer.state_dict()["encoder.layer.0.attention.attention.query.weight"])
+
+
+def test_conv_stem_runs_channels_last_on_cpu_with_the_same_result_and_parameters():
+    from ibkit.models.vision.eva_vit import ConvStem, conv_stem
+
+    torch.manual_seed(0)
+    stem = conv_stem((8, 16), 32, 4, batchnorm=True)
+    plain = torch.nn.Sequential(*stem)  # the same layers, the tensors' own (NCHW) layout
+    assert isinstance(stem, ConvStem) and list(stem.state_dict()) == list(plain.state_dict())
+    seen = []
+    stem[0].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    pixels = torch.randn(3, 3, 16, 16, requires_grad=True)
+    for mode in (True, False):  # BatchNorm: batch statistics in training, running statistics in eval
+        stem.train(mode), plain.train(mode)
+        out, ref = stem(pixels), plain(pixels)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        grad, grad_ref = (torch.autograd.grad(y.square().sum(), pixels)[0] for y in (out, ref))
+        torch.testing.assert_close(grad, grad_ref, atol=1e-4, rtol=1e-4)
+    assert seen == [True, False] * 2  # the stem's first convolution read channels-last input, the plain one NCHW
+    assert not pixels.is_contiguous(memory_format=torch.channels_last)  # the caller's tensor is left alone

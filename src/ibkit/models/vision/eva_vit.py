@@ -107,7 +107,21 @@ class EVABlock(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-def conv_stem(channels: tuple[int, ...], hidden_size: int, patch_size: int, batchnorm: bool = False) -> nn.Sequential:
+class ConvStem(nn.Sequential):
+    """The convolutional stem; on the CPU it runs in the channels-last layout.
+
+    oneDNN's CPU convolutions are faster on NHWC tensors: the demo encoder's stem (32-64-128 channels at
+    64 px, batch 32) took ~0.17 s per forward + backward in NCHW and ~0.11 s in NHWC on a 2-core AMD EPYC,
+    about a fifth of the encoder pre-training step. Same parameters (names, shapes), same result within
+    float rounding; GPUs keep the layout they are given."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.device.type == "cpu" and pixels.dim() == 4:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return super().forward(pixels)
+
+
+def conv_stem(channels: tuple[int, ...], hidden_size: int, patch_size: int, batchnorm: bool = False) -> ConvStem:
     """Convolutions from pixels to one ``hidden_size`` vector per ``patch_size`` square (see ``stem_channels``)."""
     layers: list[nn.Module] = []
     in_channels, stride = 3, 1
@@ -118,7 +132,7 @@ def conv_stem(channels: tuple[int, ...], hidden_size: int, patch_size: int, batc
         in_channels, stride = out_channels, stride * step
     rest = patch_size // stride
     layers.append(nn.Conv2d(in_channels, hidden_size, rest, rest))
-    return nn.Sequential(*layers)
+    return ConvStem(*layers)
 
 
 class EVAEmbeddings(nn.Module):
