@@ -73,8 +73,10 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
     assert set(results["heldout"]) == set(MODELS)
     assert set(results["heldout"]["instructblip"]) == set(HELD_OUT)
     assert all(cell["n"] == 4 for cell in results["heldout"]["blip2"].values())
-    assert list(results["steps"]) == ["encoder", "lm", "blip2_stage1", "blip2_stage2", "instruct_side", "instruct",
-                                      "evaluate"]
+    assert list(results["steps"]) == ["data", "encoder", "lm", "blip2_stage1", "blip2_stage2", "instruct_side",
+                                      "instruct", "evaluate"]
+    # the encoder and the T5 ran side by side, in processes of their own: the T5's output went to its log
+    assert "ibkit fit" in (tmp_path / "lm" / "log.txt").read_text()
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert (tmp_path / "results.md").read_text().count("| shapes_vsr |") == 1
     # held-in VQA split by the number of shapes: the same questions as the per-type table, counted from the scenes
@@ -117,3 +119,18 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
     again = run_ablation(tmp_path, seeds=(0,), steps=steps, max_eval_samples=4, sizes=sizes)  # resumes: nothing reruns
     assert (tmp_path / "default_seed0" / "eval" / "instructblip" / "results.json").stat().st_mtime_ns == stamp
     assert again["arms"] == ablation["arms"]
+
+
+def test_side_by_side_jobs_run_to_their_end_and_a_failure_names_its_log(tmp_path):
+    from ibkit.shapes.demo import run_side_by_side
+
+    logs = {"second": tmp_path / "logs" / "second.txt", "third": tmp_path / "third.txt"}
+    seconds = run_side_by_side({"first": [["--version"]], "second": [["--version"], ["--version"]]}, logs)
+    assert set(seconds) == {"first", "second"} and all(value > 0 for value in seconds.values())
+    assert logs["second"].read_text().count("$ ibkit --version") == 2  # each command is printed, then run
+    assert logs["second"].read_text().count("ibkit ") >= 4
+    with pytest.raises(SystemExit, match="third") as failure:
+        run_side_by_side({"first": [["--version"]], "third": [["no-such-command"], ["--version"]]}, logs)
+    assert str(logs["third"]) in str(failure.value) and "first" not in str(failure.value)
+    written = logs["third"].read_text()
+    assert "unknown command 'no-such-command'" in written and "$ ibkit --version" not in written  # stopped there

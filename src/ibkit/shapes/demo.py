@@ -14,12 +14,20 @@ module (package data), printed as it runs:
    Q-Former on the held-in shapes tasks;
 6. ``evaluate``: the BLIP-2 stage-2 model and the instruction-tuned model, zero-shot on the held-out
    families and on held-in VQA, with the same prompts; standard errors from the per-sample scores.
+
+Steps 1 and 2 do not depend on each other and run side by side, as do the two evaluations of step 6
+(:func:`run_side_by_side`: one process each, an equal share of the cores).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,13 +64,78 @@ class StepClock:
         return round(self.last - self.started, 1)
 
 
-def _ibkit(args: list[str]) -> None:
+Commands = list[list[str]]  # ibkit command lines (without "ibkit"), run one after the other
+
+
+def _command_line(args: list[str]) -> str:
+    return "$ ibkit " + " ".join(shlex.quote(a) for a in args)
+
+
+def run_commands(commands: Commands) -> None:
+    """Run ibkit commands in this process, one after the other, each printed first."""
     from ibkit.app import main
 
-    print("\n$ ibkit " + " ".join(shlex.quote(a) for a in args), flush=True)
-    code = main(args)
-    if code:
-        raise SystemExit(f"ibkit {args[0]} failed with exit code {code}")
+    for args in commands:
+        print("\n" + _command_line(args), flush=True)
+        code = main(args)
+        if code:
+            raise SystemExit(f"ibkit {args[0]} failed with exit code {code}")
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_side_by_side(jobs: dict[str, Commands], logs: dict[str, Path]) -> dict[str, float]:
+    """Run independent jobs (each a list of ibkit commands) at the same time, each in its own process with an
+    equal share of the CPU cores as torch threads; returns each job's wall seconds.
+
+    Why: the demo's small models use two cores poorly (on the 2-core AMD EPYC the encoder step ran 1.25x and
+    the T5 step 1.4x slower on one core than on two), so two independent steps side by side, one core each,
+    finish sooner than one after the other. The thread count is fixed per job, so a seed still fixes every
+    result. The first job prints here; every other job writes to its file in ``logs`` (named on failure).
+    Every job runs to its end even when another fails, so that no finished step is lost.
+    """
+    threads = max(1, cores() // len(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    seconds: dict[str, float] = {}
+    failed: dict[str, str] = {}
+
+    def job(name: str, commands: Commands, log: Path | None) -> None:
+        started = time.perf_counter()
+        try:
+            if log is not None:
+                log.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.ExitStack() as stack:
+                sink = stack.enter_context(open(log, "w")) if log is not None else None
+                for args in commands:
+                    print("\n" + _command_line(args), flush=True, file=sink or sys.stdout)
+                    if sink is not None:
+                        sink.flush()
+                    code = subprocess.call([sys.executable, "-m", "ibkit", *args], env=env, stdout=sink,
+                                           stderr=subprocess.STDOUT if sink is not None else None)
+                    if code:
+                        failed[name] = f"ibkit {args[0]} of {name} failed with exit code {code}" + (
+                            f" (its output: {log})" if log is not None else "")
+                        return
+        except OSError as error:
+            failed[name] = f"{name} could not run: {error}"
+            return
+        seconds[name] = round(time.perf_counter() - started, 1)
+
+    names = list(jobs)
+    for name in names[1:]:
+        print(f"[demo] {name}: running beside {names[0]} ({threads} thread(s) each); its output goes to {logs[name]}",
+              flush=True)
+    workers = [threading.Thread(target=job, args=(name, jobs[name], logs.get(name) if i else None))
+               for i, name in enumerate(names)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if failed:
+        raise SystemExit("; ".join(failed.values()))
+    return seconds
 
 
 @dataclass
@@ -130,21 +203,34 @@ class Pipeline:
         return ["--model.init_args.init_from=[" + ", ".join(str(p) for p in paths) + "]"]
 
     def fit(self, step: str, config: str, extra: list[str], export: bool = False, swappable: bool = True,
-            stacked: Sequence[str] = ()) -> None:
+            stacked: Sequence[str] = ()) -> Commands:
         run = self.run(step) if step != "lm" else self.lm.parent
         args = [*self._configs(config, swappable, stacked), *self._data(), *self._trainer(run, self.steps.get(step)),
                 *extra]
-        _ibkit(["fit", *args])
+        commands = [["fit", *args]]
         if export:
-            _ibkit(["export", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--output", str(run / "model")])
+            commands.append(["export", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                             "--output", str(run / "model")])
+        return commands
 
-    # -- the steps ----------------------------------------------------------------------------------
-    def encoder(self) -> None:
-        self.fit("encoder", self.encoder_config, [], export=True, swappable=False)
+    def prepare_data(self) -> None:
+        """Render the shapes data and write the tokenizers as every step's ``prepare_data`` would (the configs
+        share one data section), so that steps run side by side never render the same files at once."""
+        import yaml
 
-    def language_model(self) -> None:
+        from ibkit.shapes.datamodule import prepare_tiny_workspace
+
+        data = yaml.safe_load((CONFIGS / f"{self.encoder_config}.yaml").read_text())["data"]["init_args"]
+        sizes = yaml.safe_load(self.sizes) if self.sizes else data["sizes"]
+        prepare_tiny_workspace(self.out, seed=self.data_seed, image_size=data["render_size"], sizes=sizes)
+
+    # -- the steps (their ibkit commands; run_commands or run_side_by_side runs them) ----------------
+    def encoder(self) -> Commands:
+        return self.fit("encoder", self.encoder_config, [], export=True, swappable=False)
+
+    def language_model(self) -> Commands:
         llm = self.out / "tokenizers" / "llm"
-        self.fit("lm", "lm", [f"--model.init_args.tokenizer={llm}"], export=True, swappable=False)
+        return self.fit("lm", "lm", [f"--model.init_args.tokenizer={llm}"], export=True, swappable=False)
 
     @property
     def _cache(self) -> str:
@@ -152,42 +238,45 @@ class Pipeline:
         encoder's weights, so both encoder arms share the folder without sharing entries."""
         return f"--trainer.callbacks.init_args.cache_dir={self.out / 'cache'}"
 
-    def blip2_stage1(self) -> None:
-        self.fit("blip2_stage1", "blip2_stage1", [*self._tokenizers(llm=False), *self._init_from([self.encoder_weights]),
+    def blip2_stage1(self) -> Commands:
+        return self.fit("blip2_stage1", "blip2_stage1", [*self._tokenizers(llm=False), *self._init_from([self.encoder_weights]),
                                                   self._cache])
 
-    def blip2_stage2(self) -> None:
+    def blip2_stage2(self) -> Commands:
         starts = [self.encoder_weights, self.ckpt("blip2_stage1")]
-        self.fit("blip2_stage2", "blip2_stage2", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
+        return self.fit("blip2_stage2", "blip2_stage2", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
                                                   self._cache])
 
-    def instruct_side(self, extra: Sequence[str] = ()) -> None:
+    def instruct_side(self, extra: Sequence[str] = ()) -> Commands:
         """Step 5a: the instruction-tuning config with instruct_side.yaml stacked on it (side questions only)."""
         starts = [self.encoder_weights, self.ckpt("blip2_stage1"), self.ckpt("blip2_stage2")]
-        self.fit("instruct_side", "instruct", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
+        return self.fit("instruct_side", "instruct", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
                                                self._cache, *extra], stacked=["instruct_side"])
 
-    def instruct(self, extra: Sequence[str] = (), export: bool = False) -> None:
+    def instruct(self, extra: Sequence[str] = (), export: bool = False) -> Commands:
         """Step 5b, from step 5a's checkpoint (:meth:`instruct_side` first)."""
         starts = [self.encoder_weights, self.ckpt("blip2_stage1"), self.ckpt("blip2_stage2"), self.ckpt("instruct_side")]
-        self.fit("instruct", "instruct", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
+        return self.fit("instruct", "instruct", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
                                           self._cache, *extra], export=export)
 
-    def evaluate(self, model: str, extra: Sequence[str] = ()) -> Path:
-        """``ibkit test`` of ``model`` ("blip2" or "instructblip"), built from the instruction-tuning config."""
+    def results_dir(self, model: str) -> Path:
+        return self.runs / "eval" / model
+
+    def evaluate(self, model: str, extra: Sequence[str] = ()) -> Commands:
+        """``ibkit test`` of ``model`` ("blip2" or "instructblip"), built from the instruction-tuning config;
+        it writes :meth:`results_dir`."""
         starts = [self.encoder_weights, self.ckpt("blip2_stage1"), self.ckpt("blip2_stage2")]
         if model == "instructblip":
             starts.append(self.ckpt("instruct"))
         else:  # BLIP-2: the same network without the instruction input to the Q-Former
             extra = ["--model.init_args.model.init_args.qformer.instruction_aware=false", *extra]
-        results_dir = self.runs / "eval" / model
+        results_dir = self.results_dir(model)
         args = ["test", *self._configs("instruct"), "--config", str(CONFIGS / "eval.yaml"), *self._data(),
                 *self._tokenizers(), *self._network_lm(), *self._init_from(starts), f"--model.init_args.results_dir={results_dir}",
                 f"--trainer.default_root_dir={self.runs / 'eval'}", *extra]
         if self.max_eval_samples:
             args.append(f"--data.init_args.max_eval_samples={self.max_eval_samples}")
-        _ibkit(args)
-        return results_dir
+        return [args]
 
 
 def scored_results(results_dir: Path, out: Path) -> tuple[dict, dict]:
@@ -241,10 +330,12 @@ def _curves(pipeline: Pipeline) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
-STEP_LABELS = {"encoder": "encoder pretraining (vision words)", "lm": "T5 on the text instruction corpus",
+STEP_LABELS = {"data": "rendering the data, tokenizers",
+               "encoder": "encoder pretraining (vision words; beside the T5)",
+               "lm": "T5 on the text instruction corpus (beside the encoder)",
                "blip2_stage1": "BLIP-2 stage 1 (ITC + ITM + ITG)", "blip2_stage2": "BLIP-2 stage 2 (prefix LM)",
                "instruct_side": "side warm-up (side questions only)", "instruct": "instruction tuning",
-               "evaluate": "evaluation (both models)"}
+               "evaluate": "evaluation (both models, side by side)"}
 INSTRUCTION_TUNING = ("instruct_side", "instruct")  # the steps an ablation arm runs itself
 
 
@@ -259,18 +350,29 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     pipeline = Pipeline(out, out, seed=seed, data_seed=seed, sizes=sizes, steps=dict(steps or {}),
                         max_eval_samples=max_eval_samples)
     clock = StepClock()
-    for name, step in (("encoder", pipeline.encoder), ("lm", pipeline.language_model),
-                       ("blip2_stage1", pipeline.blip2_stage1), ("blip2_stage2", pipeline.blip2_stage2),
-                       ("instruct_side", pipeline.instruct_side), ("instruct", lambda: pipeline.instruct(export=True))):
-        step()
+    print("[demo] rendering the shapes data and writing the tokenizers", flush=True)
+    pipeline.prepare_data()
+    clock.done(STEP_LABELS["data"])
+    # the encoder and the T5 do not depend on each other: side by side, one core each
+    pretrained = run_side_by_side({"encoder": pipeline.encoder(), "lm": pipeline.language_model()},
+                                  {"lm": pipeline.lm.parent / "log.txt"})
+    clock.done(f"{STEP_LABELS['encoder']} | {STEP_LABELS['lm']}")
+    for name, commands in (("blip2_stage1", pipeline.blip2_stage1()), ("blip2_stage2", pipeline.blip2_stage2()),
+                           ("instruct_side", pipeline.instruct_side()), ("instruct", pipeline.instruct(export=True))):
+        run_commands(commands)
         clock.done(STEP_LABELS[name])
+    # the two evaluations as well (each writes its own results folder)
+    run_side_by_side({model: pipeline.evaluate(model) for model in MODELS},
+                     {model: pipeline.results_dir(model).parent / f"{model}.log.txt" for model in MODELS})
     heldout, heldin, by_shapes = {}, {}, {}
     for model in MODELS:
-        results_dir = pipeline.evaluate(model)
-        heldout[model], heldin[model] = scored_results(results_dir, out)
-        by_shapes[model] = heldin_by_shapes(results_dir, out)
+        heldout[model], heldin[model] = scored_results(pipeline.results_dir(model), out)
+        by_shapes[model] = heldin_by_shapes(pipeline.results_dir(model), out)
     clock.done(STEP_LABELS["evaluate"])
-    names = dict(zip(STEP_LABELS, clock.seconds.values()))
+    seconds = list(clock.seconds.values())
+    # wall time per step; the encoder and the T5 ran at the same time, so each gets its own job's time
+    names = {"data": seconds[0], "encoder": pretrained["encoder"], "lm": pretrained["lm"],
+             **dict(zip(list(STEP_LABELS)[3:], seconds[2:]))}
     results = {
         "models": {key: {"label": label} for key, label in MODELS.items()},
         "heldout": heldout,
@@ -278,7 +380,8 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
         "heldin_vqa_by_type": heldin,
         "heldin_vqa_by_shapes": by_shapes,
         "heldin_questions": sum(v["n"] for v in heldin["instructblip"].values()),
-        "steps": {key: {"label": STEP_LABELS[key], "seconds": seconds, "curve": key if key != "evaluate" else None}
+        "steps": {key: {"label": STEP_LABELS[key], "seconds": seconds,
+                        "curve": key if key not in ("data", "evaluate") else None}
                   for key, seconds in names.items()},
         "seconds": clock.total,
         "machine": machine_description(),
@@ -341,14 +444,17 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
     base = Pipeline(out, out, sizes=sizes, steps=dict(steps or {}), max_eval_samples=max_eval_samples)
     swapped = Pipeline(out, out / "swapped_encoder", sizes=sizes, steps=dict(steps or {}),
                        max_eval_samples=max_eval_samples, **SWAP)
-    if not (base.lm / "config.json").exists():
-        base.language_model()
+    base.prepare_data()
+    pretraining = {name: commands for name, commands, done in (
+        ("encoder", base.encoder(), base.encoder_weights.exists()),
+        ("lm", base.language_model(), (base.lm / "config.json").exists()),
+        ("swapped encoder", swapped.encoder(), swapped.encoder_weights.exists())) if not done}
+    if pretraining:  # independent of each other: side by side
+        run_side_by_side(pretraining, {name: out / f"{name.replace(' ', '_')}.log.txt" for name in pretraining})
     for pipeline in (base, swapped):
-        if not pipeline.encoder_weights.exists():
-            pipeline.encoder()
         for step in ("blip2_stage1", "blip2_stage2"):
             if not pipeline.ckpt(step).exists():
-                getattr(pipeline, step)()
+                run_commands(getattr(pipeline, step)())
     arms: dict[str, dict] = {}
     for arm, (label, extra) in ABLATIONS.items():
         per_seed = []
@@ -360,9 +466,9 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
             done = pipeline.runs / "eval" / "instructblip" / "results.json"
             if not done.exists():
                 if not pipeline.ckpt("instruct_side").exists():
-                    pipeline.instruct_side([*extra, f"--data.init_args.seed={seed}"])
-                pipeline.instruct([*extra, f"--data.init_args.seed={seed}"])
-                pipeline.evaluate("instructblip", [a for a in extra if "instruction_aware" in a])
+                    run_commands(pipeline.instruct_side([*extra, f"--data.init_args.seed={seed}"]))
+                run_commands(pipeline.instruct([*extra, f"--data.init_args.seed={seed}"]))
+                run_commands(pipeline.evaluate("instructblip", [a for a in extra if "instruction_aware" in a]))
             heldout, heldin = scored_results(done.parent, out)
             per_seed.append({**{d: {"metric": v["metric"], "value": v["value"]} for d, v in heldout.items()},
                              HELD_IN_VQA: {"metric": "vqa_accuracy",
