@@ -83,6 +83,7 @@ def run_commands(commands: Commands) -> None:
 
 
 def cores() -> int:
+    """The CPU cores this process may use (its affinity where the OS tells it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -397,7 +398,6 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
 
 def machine_description() -> str:
     """CPU model, core count and the bf16 decision: a time or a number is true of one machine."""
-    import os
     import platform
 
     from ibkit.models.precision import fast_bf16
@@ -410,8 +410,7 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {cores} cores, fast bf16: {'yes' if fast_bf16('cpu') else 'no'}"
+    return f"{model}, {cores()} cores, fast bf16: {'yes' if fast_bf16('cpu') else 'no'}"
 
 
 # The paper's ablations of instruction tuning (Table 3 in miniature) and a component swap: each arm is the
