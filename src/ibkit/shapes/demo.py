@@ -52,12 +52,13 @@ class StepClock:
         self.started = self.last = time.perf_counter()
         self.seconds: dict[str, float] = {}
 
-    def done(self, step: str) -> None:
+    def done(self, step: str, label: str | None = None) -> None:
+        """Record the time since the last step as ``step``'s, printed with ``label`` (default: its STEP_LABELS)."""
         now = time.perf_counter()
         self.seconds[step] = round(now - self.last, 1)
         self.last = now
-        print(f"\n[demo] {step}: {_minutes(self.seconds[step])} (total so far {_minutes(now - self.started)})",
-              flush=True)
+        print(f"\n[demo] {label or STEP_LABELS[step]}: {_minutes(self.seconds[step])} "
+              f"(total so far {_minutes(now - self.started)})", flush=True)
 
     @property
     def total(self) -> float:
@@ -353,15 +354,16 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     clock = StepClock()
     print("[demo] rendering the shapes data and writing the tokenizers", flush=True)
     pipeline.prepare_data()
-    clock.done(STEP_LABELS["data"])
-    # the encoder and the T5 do not depend on each other: side by side, one core each
+    clock.done("data")
+    # the encoder and the T5 do not depend on each other: side by side, an equal share of the cores each
     pretrained = run_side_by_side({"encoder": pipeline.encoder(), "lm": pipeline.language_model()},
                                   {"lm": pipeline.lm.parent / "log.txt"})
-    clock.done(f"{STEP_LABELS['encoder']} | {STEP_LABELS['lm']}")
+    clock.done("encoder", f"{STEP_LABELS['encoder']} | {STEP_LABELS['lm']}")
+    clock.seconds.update(pretrained)  # they ran at the same time: each step gets its own job's wall time
     for name, commands in (("blip2_stage1", pipeline.blip2_stage1()), ("blip2_stage2", pipeline.blip2_stage2()),
                            ("instruct_side", pipeline.instruct_side()), ("instruct", pipeline.instruct(export=True))):
         run_commands(commands)
-        clock.done(STEP_LABELS[name])
+        clock.done(name)
     # the two evaluations as well (each writes its own results folder)
     run_side_by_side({model: pipeline.evaluate(model) for model in MODELS},
                      {model: pipeline.results_dir(model).parent / f"{model}.log.txt" for model in MODELS})
@@ -369,11 +371,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     for model in MODELS:
         heldout[model], heldin[model] = scored_results(pipeline.results_dir(model), out)
         by_shapes[model] = heldin_by_shapes(pipeline.results_dir(model), out)
-    clock.done(STEP_LABELS["evaluate"])
-    seconds = list(clock.seconds.values())
-    # wall time per step; the encoder and the T5 ran at the same time, so each gets its own job's time
-    names = {"data": seconds[0], "encoder": pretrained["encoder"], "lm": pretrained["lm"],
-             **dict(zip(list(STEP_LABELS)[3:], seconds[2:]))}
+    clock.done("evaluate")
     results = {
         "models": {key: {"label": label} for key, label in MODELS.items()},
         "heldout": heldout,
@@ -383,7 +381,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
         "heldin_questions": sum(v["n"] for v in heldin["instructblip"].values()),
         "steps": {key: {"label": STEP_LABELS[key], "seconds": seconds,
                         "curve": key if key not in ("data", "evaluate") else None}
-                  for key, seconds in names.items()},
+                  for key, seconds in clock.seconds.items()},
         "seconds": clock.total,
         "machine": machine_description(),
     }
