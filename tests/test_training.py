@@ -274,6 +274,24 @@ def test_fsdp_units_never_mix_frozen_and_trainable(text):
     assert {id(m) for m in module.modules() if policy(m, recurse=False)} == wrapped
 
 
+def test_fsdp_plan_covers_blip2_stage1():
+    """BLIP-2 stage 1 (frozen encoder + Q-Former, no LLM) gets the same plan: a unit per ViT block and Q-Former
+    layer, the encoder and Q-Former leftovers in units of their own, frozen and trainable never mixed."""
+    from tiny_blip2 import tiny_stage1
+
+    from ibkit.training.pretrain import Blip2PretrainModule
+
+    module = Blip2PretrainModule(model=tiny_stage1())
+    plan = instructblip_wrap_plan(module)
+    _check_homogeneous(module, plan)
+    classes = block_classes(module)
+    assert classes["llm"] == set() and classes["vision"] == {type(module.model.vision_encoder.encoder.layers[0])}
+    wrapped = {id(m) for m in plan}
+    blocks = [m for m in module.modules() if isinstance(m, tuple(classes["vision"] | classes["qformer"]))]
+    assert len(blocks) == 1 + 2 and all(id(b) in wrapped for b in blocks)  # 1 ViT block, 2 Q-Former layers
+    assert {id(module.model.vision_encoder), id(module.model.qformer)} <= wrapped
+
+
 def test_fsdp_plan_splits_lora_and_dtypes():
     model = tiny_model(LLAMA_TEXT, lora=LoraSettings(r=2, alpha=4, dropout=0.0), llm_dtype="bf16")
     module = InstructBLIPModule(model=model)

@@ -6,7 +6,8 @@ decoder/encoder blocks, then each component (vision encoder, Q-Former, LLM) for 
 must never mix frozen and trainable parameters (FSDP with ``use_orig_params=False`` refuses it, and
 with ``True`` it keeps gradient memory for the frozen half) nor dtypes (a bf16 frozen LLM next to an
 fp32 Q-Former). :func:`wrap_plan` guarantees both: when a module's leftover parameters would be
-mixed (LoRA inside a frozen LLM block), its minority children become units of their own.
+mixed (LoRA inside a frozen LLM block), its minority children become units of their own. BLIP-2's
+stage-1 model (``Blip2Stage1``: the encoder and Q-Former, no LLM) gets the same plan without the LLM.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ def _kind(param: nn.Parameter) -> tuple[bool, torch.dtype]:
 
 
 def find_instructblip(root: nn.Module) -> nn.Module | None:
-    """The ``InstructBLIP`` inside ``root`` (a LightningModule, a wrapper, or the model itself)."""
+    """The ``InstructBLIP`` inside ``root`` (a LightningModule, a wrapper, or the model itself), or the
+    ``Blip2Stage1`` of BLIP-2 pre-training: the same encoder and Q-Former, no LLM."""
+    from ibkit.models.blip2 import Blip2Stage1
     from ibkit.models.instructblip import InstructBLIP
 
     for module in root.modules():
-        if isinstance(module, InstructBLIP):
+        if isinstance(module, (InstructBLIP, Blip2Stage1)):
             return module
     return None
 
@@ -41,12 +44,15 @@ def block_classes(model: nn.Module) -> dict[str, set[type[nn.Module]]]:
 
     found = find_instructblip(model)
     if found is None:
-        raise ValueError(f"no InstructBLIP inside {type(model).__name__}: cannot find its block classes")
+        raise ValueError(
+            f"no InstructBLIP or Blip2Stage1 inside {type(model).__name__}: cannot find its block classes"
+        )
     vision = getattr(found.vision_encoder, "block_class", None)
+    llm = getattr(found, "language_model", None)  # BLIP-2 stage 1 has none
     return {
         "vision": {vision} if vision is not None else set(),
         "qformer": {QFormerLayer},
-        "llm": set(found.language_model.block_classes),
+        "llm": set(llm.block_classes) if llm is not None else set(),
     }
 
 
@@ -111,12 +117,14 @@ def wrap_plan(
 
 
 def instructblip_wrap_plan(root: nn.Module) -> list[nn.Module]:
-    """:func:`wrap_plan` with the block classes and components of the InstructBLIP inside ``root``."""
+    """:func:`wrap_plan` with the block classes and components of the InstructBLIP (or BLIP-2 stage-1
+    model) inside ``root``."""
     model = find_instructblip(root)
     if model is None:
-        raise ValueError(f"no InstructBLIP inside {type(root).__name__}")
+        raise ValueError(f"no InstructBLIP or Blip2Stage1 inside {type(root).__name__}")
     classes = set().union(*block_classes(root).values())
-    return wrap_plan(root, classes, components=(model.vision_encoder, model.qformer, model.language_model))
+    components = (model.vision_encoder, model.qformer, getattr(model, "language_model", None))
+    return wrap_plan(root, classes, components=tuple(c for c in components if c is not None))
 
 
 def unit_parameters(root: nn.Module, plan: Iterable[nn.Module]) -> dict[str, list[tuple[str, nn.Parameter]]]:
