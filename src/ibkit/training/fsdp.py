@@ -26,7 +26,7 @@ def _kind(param: nn.Parameter) -> tuple[bool, torch.dtype]:
     return (bool(param.requires_grad), param.dtype)
 
 
-def find_instructblip(root: nn.Module) -> nn.Module | None:
+def find_composed_model(root: nn.Module) -> nn.Module | None:
     """The ``InstructBLIP`` inside ``root`` (a LightningModule, a wrapper, or the model itself), or the
     ``Blip2Stage1`` of BLIP-2 pre-training: the same encoder and Q-Former, no LLM."""
     from ibkit.models.blip2 import Blip2Stage1
@@ -42,7 +42,7 @@ def block_classes(model: nn.Module) -> dict[str, set[type[nn.Module]]]:
     """The transformer block classes of each component: ``{"vision": ..., "qformer": ..., "llm": ...}``."""
     from ibkit.models.qformer import QFormerLayer
 
-    found = find_instructblip(model)
+    found = find_composed_model(model)
     if found is None:
         raise ValueError(
             f"no InstructBLIP or Blip2Stage1 inside {type(model).__name__}: cannot find its block classes"
@@ -119,7 +119,7 @@ def wrap_plan(
 def instructblip_wrap_plan(root: nn.Module) -> list[nn.Module]:
     """:func:`wrap_plan` with the block classes and components of the InstructBLIP (or BLIP-2 stage-1
     model) inside ``root``."""
-    model = find_instructblip(root)
+    model = find_composed_model(root)
     if model is None:
         raise ValueError(f"no InstructBLIP or Blip2Stage1 inside {type(root).__name__}")
     classes = set().union(*block_classes(root).values())
