@@ -10,6 +10,7 @@ import yaml
 
 from ibkit.shapes.demo import ABLATIONS, CONFIGS, HELD_OUT, MODELS, run_ablation, run_demo
 from ibkit.shapes.report import check_ablation, check_results
+from ibkit.shapes.scenes import QA_TYPES
 
 STAGES = ("blip2_stage1", "blip2_stage2", "instruct")
 DATA_KEYS = ("root", "data_seed", "render_size", "sizes")
@@ -74,7 +75,7 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
     assert set(results["heldout"]["instructblip"]) == set(HELD_OUT)
     assert all(cell["n"] == 4 for cell in results["heldout"]["blip2"].values())
     assert list(results["steps"]) == ["data", "encoder", "lm", "blip2_stage1", "blip2_stage2", "instruct_side",
-                                      "instruct", "evaluate"]
+                                      "instruct", "evaluate", "probe"]
     # the encoder and the T5 ran side by side, in processes of their own: the T5's output went to its log
     assert "ibkit fit" in (tmp_path / "lm" / "log.txt").read_text()
     assert (tmp_path / "demo.png").stat().st_size > 0
@@ -88,6 +89,12 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
             assert sum(cell["n"] for cell in cells.values()) == by_type[kind]["n"]
             mean = sum(cell["value"] * cell["n"] for cell in cells.values()) / by_type[kind]["n"]
             assert mean == pytest.approx(by_type[kind]["value"])
+    # the T5's ceiling: every held-in question type asked from descriptions of 1-4 objects, 200 records a cell
+    ceiling = results["lm_text_by_shapes"]
+    assert set(ceiling) == set(QA_TYPES) >= set(results["heldin_vqa_by_type"]["instructblip"])
+    assert all(set(cells) == {"1", "2", "3", "4"} and all(c["n"] == 200 for c in cells.values())
+               for cells in ceiling.values())
+    assert "| the T5, from the description |" in (tmp_path / "results.md").read_text()
     # the encoder's weights reached the frozen encoder of every later stage, through encoder.safetensors
     assert (tmp_path / "encoder" / "model" / "encoder.safetensors").is_file()
     assert (tmp_path / "instruct" / "model" / "config.json").is_file()  # the instruction-tuned model, exported

@@ -45,6 +45,7 @@ RESULTS = {
         model: {"color": {str(n): {"value": v, "stderr": 0.05, "n": 60} for n, v in zip((1, 2, 4), values)}}
         for model, values in (("blip2", (0.6, 0.5, 0.4)), ("instructblip", (1.0, 0.75, 0.5)))
     },
+    "lm_text_by_shapes": {"color": {str(n): {"value": v, "stderr": 0.03, "n": 200} for n, v in zip((1, 2, 3), (1.0, 0.6, 0.5))}},
     "heldin_questions": 1500,
     "steps": {"encoder": {"label": "encoder pretraining", "seconds": 71.2, "curve": "encoder"},
               "lm": {"label": "LM instruction pretraining", "seconds": 65.0, "curve": "lm"},
@@ -79,8 +80,14 @@ def test_results_markdown_has_each_table_once_with_standard_errors():
     assert "| color | 250 | 0.500 ± 0.010 | 0.950 ± 0.010 |" in text
     assert "| encoder pretraining | 1 min 11 s |" in text and "| **total** | **3 min 46 s** |" in text
     assert text.count("## Held-in VQA by number of shapes in the picture") == 1
-    assert "| question type | model | 1 shape | 2 shapes | 4 shapes |" in text  # only the counts that occur
-    assert "| color | InstructBLIP | 1.00 ± 0.05 (60) | 0.75 ± 0.05 (60) | 0.50 ± 0.05 (60) |" in text
+    assert "| question type | model | 1 shape | 2 shapes | 3 shapes | 4 shapes |" in text  # only the counts that occur
+    assert "| color | InstructBLIP | 1.00 ± 0.05 (60) | 0.75 ± 0.05 (60) | - | 0.50 ± 0.05 (60) |" in text
+    # the T5's ceiling from the scenes' descriptions, below the models, explained once
+    assert "| color | the T5, from the description | 1.00 ± 0.03 (200) | 0.60 ± 0.03 (200) | 0.50 ± 0.03 (200) | - |" in text
+    assert text.index("| color | InstructBLIP |") < text.index("| color | the T5, from the description |")
+    assert text.count("*The T5, from the description*") == 1
+    without = results_markdown({k: v for k, v in RESULTS.items() if k != "lm_text_by_shapes"})
+    assert "the T5, from the description" not in without and "| color | BLIP-2 (stage 2) |" in without
     assert "CIDEr divided by 10" in text
 
 
@@ -165,6 +172,8 @@ def _broken(path: tuple, value) -> dict:
         (_broken(("heldin_vqa_by_shapes", "blip2", "color", "two"), {"value": 0.5, "stderr": 0.1, "n": 3}),
          "key 'two' is not a number of shapes"),
         (_broken(("heldin_vqa_by_shapes", "gpt"), {}), "results['heldin_vqa_by_shapes']['gpt']: not a model"),
+        (_broken(("lm_text_by_shapes", "color", "1", "stderr"), "0.03"), "results['lm_text_by_shapes']['color']['1']['stderr']"),
+        (_broken(("lm_text_by_shapes", "size"), [0.5]), "results['lm_text_by_shapes']['size']"),
         (_broken(("steps", "lm", "seconds"), "1 min"), "results['steps']['lm']['seconds']"),
         (_broken(("models",), KeyError), "results['models']"),
     ],

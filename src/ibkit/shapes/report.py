@@ -58,6 +58,16 @@ def _check_cell(cell: Any, where: str, needs_metric: bool) -> None:
         raise ValueError(f"{where}['n'] must be a positive integer, got {cell.get('n')!r}")
 
 
+def _check_by_shapes(types: Any, where: str) -> None:
+    """``{type: {number of shapes: cell}}``, as held-in VQA by number of shapes is kept."""
+    for kind, counts in _mapping(types, where, "type -> number of shapes -> cell").items():
+        inner = f"{where}[{kind!r}]"
+        for count, cell in _mapping(counts, inner, "number of shapes -> cell").items():
+            if not str(count).isdigit():
+                raise ValueError(f"{inner}: key {count!r} is not a number of shapes")
+            _check_cell(cell, f"{inner}[{count!r}]", needs_metric=False)
+
+
 def check_results(results: Any) -> None:
     """Raise ``ValueError`` naming the first field of ``results.json`` that breaks the layout."""
     results = _mapping(results, "results", "a dict")
@@ -90,12 +100,8 @@ def check_results(results: Any) -> None:
     for model, types in by_shapes.items():
         if model not in models:
             raise ValueError(f"results['heldin_vqa_by_shapes'][{model!r}]: not a model of results['models']")
-        for kind, counts in _mapping(types, f"results['heldin_vqa_by_shapes'][{model!r}]", "type -> count -> cell").items():
-            where = f"results['heldin_vqa_by_shapes'][{model!r}][{kind!r}]"
-            for count, cell in _mapping(counts, where, "number of shapes -> cell").items():
-                if not str(count).isdigit():
-                    raise ValueError(f"{where}: key {count!r} is not a number of shapes")
-                _check_cell(cell, f"{where}[{count!r}]", needs_metric=False)
+        _check_by_shapes(types, f"results['heldin_vqa_by_shapes'][{model!r}]")
+    _check_by_shapes(results.get("lm_text_by_shapes", {}), "results['lm_text_by_shapes']")
     steps = _mapping(results.get("steps", {}), "results['steps']", "step -> {'label', 'seconds', 'curve'}")
     for step, info in steps.items():
         where = f"results['steps'][{step!r}]"
@@ -244,6 +250,9 @@ def _datasets(per_model: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return names
 
 
+LM_TEXT_ROW = "lm_text"  # the held-in-by-shapes row of results['lm_text_by_shapes']
+
+
 def results_markdown(results: Mapping[str, Any]) -> str:
     """results.md: the held-out table, the held-in VQA tables by question type and by number of shapes, the time
     per step (each once)."""
@@ -282,21 +291,31 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             lines.append(f"| {kind} | {' / '.join(map(str, ns))} | " + " | ".join(_pm(c) for c in cells) + " |")
         lines += ["", "VQA accuracy ± one standard error.", ""]
 
-    by_shapes = results.get("heldin_vqa_by_shapes") or {}
+    by_shapes = dict(results.get("heldin_vqa_by_shapes") or {})
+    lm_text = results.get("lm_text_by_shapes") or {}
+    rows = list(zip(models, labels))
+    if by_shapes and lm_text:
+        by_shapes[LM_TEXT_ROW] = lm_text
+        rows.append((LM_TEXT_ROW, "the T5, from the description"))
     if by_shapes:
         counts = sorted({int(c) for types in by_shapes.values() for cells in types.values() for c in cells})
         lines += ["## Held-in VQA by number of shapes in the picture", "",
                   "| question type | model | " + " | ".join(f"{c} shape{'s' if c > 1 else ''}" for c in counts) + " |",
                   "|---|---|" + "---:|" * len(counts)]
         for kind in _datasets(by_shapes):
-            for model, label in zip(models, labels):
+            for model, label in rows:
                 cells = by_shapes.get(model, {}).get(kind)
                 if cells:
                     row = [_pm(cells[str(c)], 2) + f" ({cells[str(c)]['n']})" if str(c) in cells else "-" for c in counts]
                     lines.append(f"| {kind} | {label} | " + " | ".join(row) + " |")
         lines += ["", "VQA accuracy ± one standard error (n). A type right with one shape and wrong with more fails "
                   "to bind the attribute to the object the question names; one wrong with a single shape never gets "
-                  "the attribute through at all.", ""]
+                  "the attribute through at all."]
+        if LM_TEXT_ROW in by_shapes:
+            lines += ["", "*The T5, from the description*: the frozen T5 alone, asked the same question types about fresh "
+                      "scenes through their description instead of the picture (exact match, `ibkit.shapes.probe`): "
+                      "the ceiling of any soft prompt."]
+        lines.append("")
 
     steps = results.get("steps") or {}
     if steps:
