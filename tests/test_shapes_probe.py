@@ -44,6 +44,16 @@ def test_true_false_needs_two_objects_and_bad_arguments_are_named():
         probe_records("qa_color", 5, 10)
 
 
+def test_a_folder_without_a_model_is_named(tmp_path, capsys):
+    from ibkit.shapes.probe import main
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        language_model_answerer(str(tmp_path))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "lm")])
+    assert f"{tmp_path / 'lm'}: not a language model folder" in capsys.readouterr().err
+
+
 def test_scoring_an_oracle_a_constant_and_a_first_colour_answerer():
     def oracle(prompts):
         return [by_prompt[p] for p in prompts]

@@ -15,6 +15,7 @@ import argparse
 import math
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ibkit.shapes.scenes import TRAIN_PAIRS, describe, sample_scene
@@ -92,6 +93,9 @@ def language_model_answerer(model_dir: str, max_new_tokens: int = 8) -> Answerer
 
     from ibkit.models.language import LanguageModel
 
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a language model folder (no config.json); the demo writes its T5 to "
+                                "<output_dir>/lm/model, `ibkit export` of a text LM run writes one where it is told")
     model = LanguageModel(name_or_path=model_dir, frozen=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not model.is_encoder_decoder:
@@ -118,8 +122,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kinds", nargs="+", default=list(PROBE_KINDS), choices=list(KINDS))
     args = parser.parse_args(argv)
-    table = binding_table(language_model_answerer(args.model_dir), args.kinds, per_cell=args.per_cell,
-                          seed=args.seed)
+    try:
+        answer = language_model_answerer(args.model_dir)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    table = binding_table(answer, args.kinds, per_cell=args.per_cell, seed=args.seed)
     print(format_table(table))
 
 
