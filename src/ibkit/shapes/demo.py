@@ -13,8 +13,7 @@ module (package data), printed as it runs:
    from the paper, see ``configs/instruct_side.yaml``), then ``instruct``: instruction tuning of the
    Q-Former on the held-in shapes tasks;
 6. ``evaluate``: the BLIP-2 stage-2 model and the instruction-tuned model, zero-shot on the held-out
-   families and on held-in VQA, with the same prompts; standard errors from the per-sample scores; then
-   ``probe``: the T5 alone on the held-in question types from the scenes' descriptions (its ceiling).
+   families and on held-in VQA, with the same prompts, with standard errors; ``probe``: the T5's ceiling.
 
 Steps 1 and 2 do not depend on each other and run side by side, as do the two evaluations of step 6
 (:func:`run_side_by_side`: one process each, an equal share of the cores).
@@ -315,18 +314,6 @@ def heldin_by_shapes(results_dir: Path, out: Path) -> dict[str, dict[str, dict]]
     return nested
 
 
-def lm_text_by_shapes(lm_dir: Path, per_cell: int = 200) -> dict[str, dict[str, dict]]:
-    """The frozen T5's ceiling on held-in VQA: each question type asked about fresh scenes through their
-    description instead of the picture (:mod:`ibkit.shapes.probe`), ``{type: {"1": cell, ...}}`` as
-    :func:`heldin_by_shapes`. What the T5 cannot answer from the text, no soft prompt makes it answer."""
-    from ibkit.shapes.probe import binding_table, language_model_answerer
-    from ibkit.shapes.scenes import QA_TYPES
-
-    table = binding_table(language_model_answerer(str(lm_dir)), kinds=[f"qa_{kind}" for kind in QA_TYPES],
-                          per_cell=per_cell)
-    return {kind.removeprefix("qa_"): {str(count): cell for count, cell in row.items()} for kind, row in table.items()}
-
-
 def _curve_folders(pipeline: Pipeline) -> dict[str, Path]:
     return {"encoder": pipeline.run("encoder"), "lm": pipeline.lm.parent, "blip2_stage1": pipeline.run("blip2_stage1"),
             "blip2_stage2": pipeline.run("blip2_stage2"), "instruct_side": pipeline.run("instruct_side"),
@@ -358,6 +345,7 @@ INSTRUCTION_TUNING = ("instruct_side", "instruct")  # the steps an ablation arm 
 def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None] | None = None,
              max_eval_samples: int | None = None, sizes: str | None = None) -> dict:
     """The six steps once (seed ``seed``), then ``results.json``, ``results.md`` and ``demo.png`` in ``output_dir``."""
+    from ibkit.shapes.probe import held_in_ceiling
     from ibkit.shapes.report import plot_pipeline, results_markdown
     from ibkit.shapes.specs import chance_level
 
@@ -386,7 +374,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
         heldout[model], heldin[model] = scored_results(pipeline.results_dir(model), out)
         by_shapes[model] = heldin_by_shapes(pipeline.results_dir(model), out)
     clock.done("evaluate")
-    lm_by_shapes = lm_text_by_shapes(pipeline.lm)
+    lm_by_shapes = held_in_ceiling(pipeline.lm)
     clock.done("probe")
     results = {
         "models": {key: {"label": label} for key, label in MODELS.items()},

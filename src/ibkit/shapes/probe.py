@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ibkit.shapes.scenes import TRAIN_PAIRS, describe, sample_scene
+from ibkit.shapes.scenes import QA_TYPES, TRAIN_PAIRS, describe, sample_scene
 from ibkit.shapes.text_corpus import KINDS, make_item
 from ibkit.training.text_lm import normalize_answer
 
@@ -72,6 +72,14 @@ def binding_table(answer: Answerer, kinds: Sequence[str] = PROBE_KINDS, objects:
             if records:
                 table.setdefault(kind, {})[n] = score(answer, records)
     return table
+
+
+def held_in_ceiling(lm_dir: str | Path, per_cell: int = 200) -> dict[str, dict[str, dict[str, float]]]:
+    """The demo's T5 on each held-in VQA question type from descriptions instead of pictures, ``{type: {"1":
+    cell, ...}}`` as the demo keeps held-in VQA by number of shapes: what no soft prompt can pass."""
+    table = binding_table(language_model_answerer(str(lm_dir)), kinds=[f"qa_{kind}" for kind in QA_TYPES],
+                          per_cell=per_cell)
+    return {kind.removeprefix("qa_"): {str(count): cell for count, cell in row.items()} for kind, row in table.items()}
 
 
 def format_table(table: dict[str, dict[int, dict[str, float]]]) -> str:
