@@ -89,7 +89,7 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
             assert sum(cell["n"] for cell in cells.values()) == by_type[kind]["n"]
             mean = sum(cell["value"] * cell["n"] for cell in cells.values()) / by_type[kind]["n"]
             assert mean == pytest.approx(by_type[kind]["value"])
-    # the T5's ceiling: every held-in question type asked from descriptions of 1-4 objects, 200 records a cell
+    # the T5 from text: every held-in question type asked from descriptions of 1-4 objects, 200 records a cell
     ceiling = results["lm_text_by_shapes"]
     assert set(ceiling) == set(QA_TYPES) >= set(results["heldin_vqa_by_type"]["instructblip"])
     assert all(set(cells) == {"1", "2", "3", "4"} and all(c["n"] == 200 for c in cells.values())

@@ -82,7 +82,7 @@ def test_results_markdown_has_each_table_once_with_standard_errors():
     assert text.count("## Held-in VQA by number of shapes in the picture") == 1
     assert "| question type | model | 1 shape | 2 shapes | 3 shapes | 4 shapes |" in text  # only the counts that occur
     assert "| color | InstructBLIP | 1.00 ± 0.05 (60) | 0.75 ± 0.05 (60) | - | 0.50 ± 0.05 (60) |" in text
-    # the T5's ceiling from the scenes' descriptions, below the models, explained once
+    # the T5 from the scenes' descriptions, below the models, explained once
     assert "| color | the T5, from the description | 1.00 ± 0.03 (200) | 0.60 ± 0.03 (200) | 0.50 ± 0.03 (200) | - |" in text
     assert text.index("| color | InstructBLIP |") < text.index("| color | the T5, from the description |")
     assert text.count("*The T5, from the description*") == 1

@@ -13,7 +13,7 @@ module (package data), printed as it runs:
    from the paper, see ``configs/instruct_side.yaml``), then ``instruct``: instruction tuning of the
    Q-Former on the held-in shapes tasks;
 6. ``evaluate``: the BLIP-2 stage-2 model and the instruction-tuned model, zero-shot on the held-out
-   families and on held-in VQA, with the same prompts, with standard errors; ``probe``: the T5's ceiling.
+   families and on held-in VQA, with the same prompts, with standard errors; ``probe``: the T5 from text.
 
 Steps 1 and 2 do not depend on each other and run side by side, as do the two evaluations of step 6
 (:func:`run_side_by_side`: one process each, an equal share of the cores).
@@ -338,14 +338,14 @@ STEP_LABELS = {"data": "rendering the data, tokenizers",
                "blip2_stage1": "BLIP-2 stage 1 (ITC + ITM + ITG)", "blip2_stage2": "BLIP-2 stage 2 (prefix LM)",
                "instruct_side": "side warm-up (side questions only)", "instruct": "instruction tuning",
                "evaluate": "evaluation (both models, side by side)",
-               "probe": "the T5 from the scenes' descriptions (its held-in ceiling)"}
+               "probe": "the T5 alone, held-in questions from the scenes' descriptions"}
 INSTRUCTION_TUNING = ("instruct_side", "instruct")  # the steps an ablation arm runs itself
 
 
 def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None] | None = None,
              max_eval_samples: int | None = None, sizes: str | None = None) -> dict:
     """The six steps once (seed ``seed``), then ``results.json``, ``results.md`` and ``demo.png`` in ``output_dir``."""
-    from ibkit.shapes.probe import held_in_ceiling
+    from ibkit.shapes.probe import held_in_from_text
     from ibkit.shapes.report import plot_pipeline, results_markdown
     from ibkit.shapes.specs import chance_level
 
@@ -374,7 +374,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
         heldout[model], heldin[model] = scored_results(pipeline.results_dir(model), out)
         by_shapes[model] = heldin_by_shapes(pipeline.results_dir(model), out)
     clock.done("evaluate")
-    lm_by_shapes = held_in_ceiling(pipeline.lm)
+    lm_by_shapes = held_in_from_text(pipeline.lm)
     clock.done("probe")
     results = {
         "models": {key: {"label": label} for key, label in MODELS.items()},

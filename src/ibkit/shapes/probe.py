@@ -1,10 +1,11 @@
 """Does a language model bind? Its answers from a scene's perfect description, per question kind and number of
 objects.
 
-The demo's frozen T5 is the ceiling of its held-in VQA: what the T5 cannot answer from the scene's own
-description, no soft prompt will make it answer. This probe separates two failures with fresh records of the
-text corpus (:mod:`ibkit.shapes.text_corpus`): one object (reading an attribute) against two to four (binding
-the attribute to the object the question names), e.g. for the demo's LM::
+The demo's frozen T5 answers every held-in question behind a soft prompt: where the picture's answers are no
+better than the T5's from the scene's whole description, the T5 is the first suspect (a reference, not a
+bound: a soft prompt need not read like the description). This probe separates two failures with fresh
+records of the text corpus (:mod:`ibkit.shapes.text_corpus`): one object (reading an attribute) against two to
+four (binding the attribute to the object the question names), e.g. for the demo's LM::
 
     python -m ibkit.shapes.probe outputs/demo/lm/model
 """
@@ -74,9 +75,9 @@ def binding_table(answer: Answerer, kinds: Sequence[str] = PROBE_KINDS, objects:
     return table
 
 
-def held_in_ceiling(lm_dir: str | Path, per_cell: int = 200) -> dict[str, dict[str, dict[str, float]]]:
+def held_in_from_text(lm_dir: str | Path, per_cell: int = 200) -> dict[str, dict[str, dict[str, float]]]:
     """The demo's T5 on each held-in VQA question type from descriptions instead of pictures, ``{type: {"1":
-    cell, ...}}`` as the demo keeps held-in VQA by number of shapes: what no soft prompt can pass."""
+    cell, ...}}`` as the demo keeps held-in VQA by number of shapes: the reference for the image path."""
     table = binding_table(language_model_answerer(str(lm_dir)), kinds=[f"qa_{kind}" for kind in QA_TYPES],
                           per_cell=per_cell)
     return {kind.removeprefix("qa_"): {str(count): cell for count, cell in row.items()} for kind, row in table.items()}

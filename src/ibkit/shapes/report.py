@@ -314,7 +314,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         if LM_TEXT_ROW in by_shapes:
             lines += ["", "*The T5, from the description*: the frozen T5 alone, asked the same question types about fresh "
                       "scenes through their description instead of the picture (exact match, `ibkit.shapes.probe`): "
-                      "the ceiling of any soft prompt."]
+                      "what the T5 does with the whole scene as text, the reference for the picture's soft prompt."]
         lines.append("")
 
     steps = results.get("steps") or {}
