@@ -21,7 +21,7 @@ from typing import Any
 
 from ibkit.shapes.scenes import QA_TYPES, TRAIN_PAIRS, describe, sample_scene
 from ibkit.shapes.text_corpus import KINDS, make_item
-from ibkit.training.text_lm import normalize_answer
+from ibkit.training.text_lm import greedy_answers, normalize_answer
 
 #: the kinds the probe asks by default: one-word answers, each decided by the description
 PROBE_KINDS = ("qa_color", "qa_shape", "qa_size", "qa_side", "qa_exists", "qa_count", "true_false")
@@ -97,7 +97,6 @@ def format_table(table: dict[str, dict[int, dict[str, float]]]) -> str:
 def language_model_answerer(model_dir: str, max_new_tokens: int = 8) -> Answerer:
     """Greedy answers of the language model folder ``model_dir`` (what ``ibkit export`` writes), loaded as
     the later stages load it (``ibkit.LanguageModel(name_or_path=...)``)."""
-    import torch
     from transformers import AutoTokenizer
 
     from ibkit.models.language import LanguageModel
@@ -109,17 +108,10 @@ def language_model_answerer(model_dir: str, max_new_tokens: int = 8) -> Answerer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not model.is_encoder_decoder:
         tokenizer.padding_side = "left"  # a causal LM continues the prompt's last token
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    @torch.no_grad()
     def answer(prompts: list[str]) -> list[str]:
         batch = tokenizer(prompts, return_tensors="pt", padding=True)
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=1,
-                             do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=pad)
-        if not model.is_encoder_decoder:
-            out = out[:, batch["input_ids"].shape[1]:]
-        return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return greedy_answers(model, tokenizer, batch["input_ids"], batch["attention_mask"], max_new_tokens)
 
     return answer
 

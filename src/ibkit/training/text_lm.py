@@ -42,6 +42,18 @@ def normalize_answer(text: str) -> str:
     return " ".join(_WORDS.findall(text.lower()))
 
 
+@torch.no_grad()
+def greedy_answers(language_model: LanguageModel, tokenizer: Any, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, max_new_tokens: int) -> list[str]:
+    """The decoded greedy answers to prompt rows (left-padded for a causal LM, whose prompt is cut off)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = language_model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=1, do_sample=False,
+                                  max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    if not language_model.is_encoder_decoder:
+        out = out[:, input_ids.shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
 class TextLMModule(LightningModule):
     """Train a language model on (prompt, target) text.
 
@@ -107,14 +119,7 @@ class TextLMModule(LightningModule):
     @torch.no_grad()
     def answer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
         """Greedy answers to prompt rows (left-padded for a causal LM)."""
-        tokenizer = self._tokenizer
-        out = self.language_model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=1,
-                                           do_sample=False, max_new_tokens=self.max_new_tokens,
-                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-                                           if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-        if not self.language_model.is_encoder_decoder:
-            out = out[:, input_ids.shape[1]:]
-        return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return greedy_answers(self.language_model, self._tokenizer, input_ids, attention_mask, self.max_new_tokens)
 
     def on_validation_epoch_start(self) -> None:
         self._val = {"loss": 0.0, "tokens": 0, "right": defaultdict(int), "seen": defaultdict(int)}
