@@ -21,123 +21,26 @@ Steps 1 and 2 do not depend on each other and run side by side, as do the two ev
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shlex
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ibkit.shapes.runner import (
+    Commands,
+    StepClock,
+    format_minutes,
+    machine_description,
+    run_commands,
+    run_side_by_side,
+)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package
 HELD_OUT = ["shapes_nocaps", "shapes_vsr", "shapes_iconqa", "shapes_scienceqa", "shapes_hatefulmemes",
             "shapes_visdial", "shapes_msvdqa"]
 HELD_IN_VQA = "shapes_vqa"
 MODELS = {"blip2": "BLIP-2 (stage 2)", "instructblip": "InstructBLIP"}
-
-
-def _minutes(seconds: float) -> str:
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
-
-
-class StepClock:
-    """Elapsed time per pipeline step, printed as each ends."""
-
-    def __init__(self) -> None:
-        self.started = self.last = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def done(self, step: str, label: str | None = None) -> None:
-        """Record the time since the last step as ``step``'s, printed with ``label`` (default: its STEP_LABELS)."""
-        now = time.perf_counter()
-        self.seconds[step] = round(now - self.last, 1)
-        self.last = now
-        print(f"\n[demo] {label or STEP_LABELS[step]}: {_minutes(self.seconds[step])} "
-              f"(total so far {_minutes(now - self.started)})", flush=True)
-
-    @property
-    def total(self) -> float:
-        return round(self.last - self.started, 1)
-
-
-Commands = list[list[str]]  # ibkit command lines (without "ibkit"), run one after the other
-
-
-def _command_line(args: list[str]) -> str:
-    return "$ ibkit " + " ".join(shlex.quote(a) for a in args)
-
-
-def run_commands(commands: Commands) -> None:
-    """Run ibkit commands in this process, one after the other, each printed first."""
-    from ibkit.app import main
-
-    for args in commands:
-        print("\n" + _command_line(args), flush=True)
-        code = main(args)
-        if code:
-            raise SystemExit(f"ibkit {args[0]} failed with exit code {code}")
-
-
-def cores() -> int:
-    """The CPU cores this process may use (its affinity where the OS tells it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def run_side_by_side(jobs: dict[str, Commands], logs: dict[str, Path]) -> dict[str, float]:
-    """Run independent jobs (each a list of ibkit commands) at the same time, each in its own process with an
-    equal share of the CPU cores as torch threads; returns each job's wall seconds.
-
-    Why: the demo's small models use two cores poorly (on the 2-core AMD EPYC the encoder step ran 1.25x and
-    the T5 step 1.4x slower on one core than on two), so two independent steps side by side, one core each,
-    finish sooner than one after the other. The thread count is fixed per job, so a seed still fixes every
-    result. The first job prints here; every other job writes to its file in ``logs`` (named on failure).
-    Every job runs to its end even when another fails, so that no finished step is lost.
-    """
-    threads = max(1, cores() // len(jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    seconds: dict[str, float] = {}
-    failed: dict[str, str] = {}
-
-    def job(name: str, commands: Commands, log: Path | None) -> None:
-        started = time.perf_counter()
-        try:
-            if log is not None:
-                log.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.ExitStack() as stack:
-                sink = stack.enter_context(open(log, "w")) if log is not None else None
-                for args in commands:
-                    print("\n" + _command_line(args), flush=True, file=sink or sys.stdout)
-                    if sink is not None:
-                        sink.flush()
-                    code = subprocess.call([sys.executable, "-m", "ibkit", *args], env=env, stdout=sink,
-                                           stderr=subprocess.STDOUT if sink is not None else None)
-                    if code:
-                        failed[name] = f"ibkit {args[0]} of {name} failed with exit code {code}" + (
-                            f" (its output: {log})" if log is not None else "")
-                        return
-        except OSError as error:
-            failed[name] = f"{name} could not run: {error}"
-            return
-        seconds[name] = round(time.perf_counter() - started, 1)
-
-    names = list(jobs)
-    for name in names[1:]:
-        print(f"[demo] {name}: running beside {names[0]} ({threads} thread(s) each); its output goes to {logs[name]}",
-              flush=True)
-    workers = [threading.Thread(target=job, args=(name, jobs[name], logs.get(name) if i else None))
-               for i, name in enumerate(names)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    if failed:
-        raise SystemExit("; ".join(failed.values()))
-    return seconds
 
 
 @dataclass
@@ -353,7 +256,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     out.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline(out, out, seed=seed, data_seed=seed, sizes=sizes, steps=dict(steps or {}),
                         max_eval_samples=max_eval_samples)
-    clock = StepClock()
+    clock = StepClock(STEP_LABELS)
     print("[demo] rendering the shapes data and writing the tokenizers", flush=True)
     pipeline.prepare_data()
     clock.done("data")
@@ -395,25 +298,8 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     (out / "results.md").write_text(markdown)
     plot_pipeline(results, _curves(pipeline), out / "demo.png")
     print("\n" + markdown)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'demo.png'} in {_minutes(results['seconds'])}")
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'demo.png'} in {format_minutes(results['seconds'])}")
     return results
-
-
-def machine_description() -> str:
-    """CPU model, core count and the bf16 decision: a time or a number is true of one machine."""
-    import platform
-
-    from ibkit.models.precision import fast_bf16
-
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {cores()} cores, fast bf16: {'yes' if fast_bf16('cpu') else 'no'}"
 
 
 # The paper's ablations of instruction tuning (Table 3 in miniature) and a component swap: each arm is the
@@ -483,7 +369,7 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
     (out / "ablation.md").write_text(markdown)
     plot_ablation(ablation, out / "ablation.png")
     print("\n" + markdown)
-    print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / 'ablation.png'} in {_minutes(ablation['seconds'])}")
+    print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / 'ablation.png'} in {format_minutes(ablation['seconds'])}")
     return ablation
 
 

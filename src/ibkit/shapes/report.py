@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ibkit.shapes.plotting import Curve, check_curves
+from ibkit.shapes.runner import format_minutes
 
 TUNED = "instructblip"  # the model whose "above chance by 2 SE" the held-out table reports
 CIDER_SCALE = 10.0  # CIDEr-D lies in [0, 10] (pycocoevalcap scale): / 10 puts it on 0-1 with the accuracies
@@ -232,11 +233,6 @@ def summarize_ablation(ablation: Mapping[str, Any]) -> dict[str, dict[str, dict[
 # ---------------------------------------------------------------------------------------------- tables
 
 
-def _minutes(seconds: float) -> str:
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
-
-
 def _pm(cell: Mapping[str, Any] | None, digits: int = 3) -> str:
     if cell is None:
         return "-"
@@ -320,9 +316,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     steps = results.get("steps") or {}
     if steps:
         lines += ["## Time per step", "", "| step | time |", "|---|---:|"]
-        lines += [f"| {info['label']} | {_minutes(info['seconds'])} |" for info in steps.values()]
+        lines += [f"| {info['label']} | {format_minutes(info['seconds'])} |" for info in steps.values()]
         if "seconds" in results:
-            lines.append(f"| **total** | **{_minutes(results['seconds'])}** |")
+            lines.append(f"| **total** | **{format_minutes(results['seconds'])}** |")
         if results.get("machine"):
             lines += ["", f"Machine: {results['machine']}."]
         lines.append("")
