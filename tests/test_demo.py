@@ -62,6 +62,9 @@ def test_demo_configs_share_their_data_and_their_networks():
     assert side["data"]["init_args"] == {"datasets": ["shapes_vqa"], "question_types": ["side"]}
     starts = configs["instruct"]["model"]["init_args"]["init_from"]
     assert starts == [*side["model"]["init_args"]["init_from"], f"{side['trainer']['default_root_dir']}/checkpoints/last.ckpt"]
+    # the T5's optional binding phase stacked on lm.yaml: its own steps and run folder, focused records, the same T5
+    binding = _config("lm_binding")
+    assert set(binding) == {"trainer", "data"} and set(binding["data"]["init_args"]) == {"focus_kinds", "focus_objects"}
 
 
 @pytest.mark.slow
@@ -141,3 +144,44 @@ def test_side_by_side_jobs_run_to_their_end_and_a_failure_names_its_log(tmp_path
     assert str(logs["third"]) in str(failure.value) and "first" not in str(failure.value)
     written = logs["third"].read_text()
     assert "unknown command 'no-such-command'" in written and "$ ibkit --version" not in written  # stopped there
+
+
+def test_steps_are_checked_before_anything_runs():
+    from ibkit.shapes.demo import TRAINED_STEPS, check_steps, demo
+
+    assert check_steps(None) == {}
+    assert check_steps({"lm_binding": 0, "instruct": 5}) == {"lm_binding": 0, "instruct": 5}
+    with pytest.raises(ValueError, match=r"unknown step\(s\) \['instrcut'\]"):
+        check_steps({"instrcut": 2000})
+    with pytest.raises(ValueError, match="'encoder': 0"):
+        check_steps({"encoder": 0})  # 0 would silently mean the config's length
+    with pytest.raises(ValueError, match="'lm': 1.5"):
+        check_steps({"lm": 1.5})
+    assert set(TRAINED_STEPS) == {"encoder", "lm_binding", "lm", *STAGES, "instruct_side"}
+    with pytest.raises(ValueError, match="unknown step"):  # refused by the command before the first step
+        demo(output_dir="/nonexistent/never-written", steps={"stage1": 10})
+
+
+@pytest.mark.slow
+def test_the_binding_phase_runs_first_and_the_corpus_step_starts_from_it(tmp_path):
+    from ibkit.shapes.demo import Pipeline, run_commands
+
+    sizes = "{train: 12, val: 6, test: 6, shapes_text.train: 128, shapes_text.val: 8}"
+    pipeline = Pipeline(tmp_path, tmp_path, sizes=sizes, steps={"lm_binding": 2, "lm": 2})
+    assert len(Pipeline(tmp_path, tmp_path, sizes=sizes).language_model()) == 2  # off: fit + export of lm
+    pipeline.prepare_data()
+    run_commands(pipeline.language_model())
+    binding = yaml.safe_load((tmp_path / "lm_binding" / "config.yaml").read_text())
+    assert binding["data"]["init_args"]["focus_kinds"] == ["qa_color", "qa_shape"]
+    assert binding["data"]["init_args"]["focus_objects"] == [2, 4]
+    assert binding["trainer"]["max_steps"] == 2
+    lm = yaml.safe_load((tmp_path / "lm" / "config.yaml").read_text())
+    network = lm["model"]["init_args"]["language_model"]["init_args"]
+    assert network["name_or_path"] == str(tmp_path / "lm_binding" / "model") and network["config"] is None
+    assert lm["data"]["init_args"]["focus_kinds"] is None  # the whole corpus
+    # the corpus step started from the binding phase's weights: two warm-up steps (lr from 1e-6) move them little
+    from safetensors.torch import load_file
+
+    start, end = (load_file(folder / "model.safetensors") for folder in (tmp_path / "lm_binding" / "model", pipeline.lm))
+    assert start.keys() == end.keys()
+    assert max((start[k] - end[k]).abs().max().item() for k in start) < 1e-3

@@ -138,3 +138,51 @@ def test_pretraining_captions_include_the_description_and_held_out_references_do
         assert set(_described(record["answers"][-1])) == {f"{o.color} {o.shape}" for o in scene.objects}
         record, scene = TASKS["shapes_nocaps"](rng)
         assert describe(scene) not in record["answers"]
+
+
+def test_focused_records_hold_only_the_asked_kinds_and_object_counts_and_never_repeat_the_corpus():
+    from ibkit.shapes.text_corpus import make_focused_records
+
+    records = make_focused_records(0, "train", 300, ["qa_color", "qa_shape"], (2, 4))
+    assert {r["kind"] for r in records} == {"qa_color", "qa_shape"}
+    # one sentence per object, "A large red circle on the left."
+    assert {len(re.findall(r"\b(?:A|An) (?:small|large) ", r["prompt"])) for r in records} == {2, 3, 4}
+    for record in records:  # still answered by the description: the answer is the named object's attribute
+        assert record["target"] in record["prompt"].split("?")[0]
+    assert make_focused_records(0, "train", 50, ["qa_color"], (2, 4)) == make_focused_records(0, "train", 50, ["qa_color"], (2, 4))
+    assert {r["prompt"] for r in records}.isdisjoint(r["prompt"] for r in make_records(0, "train", 2000))
+    one = make_focused_records(0, "val", 40, ["qa_side"], (1, 1))
+    assert all(len(re.findall(r"\b(?:A|An) (?:small|large) ", r["prompt"])) == 1 for r in one)
+    with pytest.raises(ValueError, match="qa_colour"):
+        make_focused_records(0, "train", 5, ["qa_colour"], (2, 4))
+    with pytest.raises(ValueError, match=r"objects \(0, 4\)"):
+        make_focused_records(0, "train", 5, ["qa_color"], (0, 4))
+    with pytest.raises(ValueError, match=r"objects \(3, 2\)"):
+        make_focused_records(0, "train", 5, ["qa_color"], (3, 2))
+
+
+def test_text_data_module_trains_on_focused_records_made_in_memory(tmp_path):
+    from ibkit.shapes.datamodule import ShapesTextDataModule
+    from ibkit.shapes.writer import TINY_SIZES
+
+    sizes = {**TINY_SIZES, f"{TEXT_CORPUS}.train": 40, f"{TEXT_CORPUS}.val": 10}
+    plain = ShapesTextDataModule(root=str(tmp_path), sizes=sizes)
+    focused = ShapesTextDataModule(root=str(tmp_path), sizes=sizes, focus_kinds=["qa_shape"], focus_objects=(2, 3))
+    for module in (plain, focused):
+        module.prepare_data()
+        module.setup("fit")
+    assert len(focused.train_set) == 40 and len(focused.val_set) == 10
+    assert {r["kind"] for r in focused.train_set.records} == {r["kind"] for r in focused.val_set.records} == {"qa_shape"}
+    assert len({r["kind"] for r in plain.train_set.records}) > 1  # the corpus on disk, every kind
+    with pytest.raises(ValueError, match="qa_size_of"):
+        ShapesTextDataModule(root=str(tmp_path), sizes=sizes, focus_kinds=["qa_size_of"])
+
+
+def test_records_made_in_memory_are_checked_as_a_files_are():
+    from ibkit.data.text import TextPairDataset
+
+    assert len(TextPairDataset.of_records([{"prompt": "p", "target": "t"}], "made here")) == 1
+    with pytest.raises(ValueError, match="made here: record 1: field 'target'"):
+        TextPairDataset.of_records([{"prompt": "p", "target": "t"}, {"prompt": "p", "target": ""}], "made here")
+    with pytest.raises(ValueError, match="made here: no text records"):
+        TextPairDataset.of_records([], "made here")

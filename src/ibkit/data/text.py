@@ -85,12 +85,21 @@ def read_text_pairs(path: str | Path) -> list[dict[str, Any]]:
 
 
 class TextPairDataset(Dataset):
-    """The records of several files, in order."""
+    """The records of several files, in order (or records made in memory: :meth:`of_records`)."""
 
     def __init__(self, files: Sequence[str | Path]) -> None:
         self.records = [record for file in files for record in read_text_pairs(file)]
         if not self.records:
             raise ValueError(f"no text records in {[str(f) for f in files]}")
+
+    @classmethod
+    def of_records(cls, records: Sequence[Any], source: str) -> TextPairDataset:
+        """Records generated in memory, checked as a file's are; ``source`` names them in an error."""
+        if not records:
+            raise ValueError(f"{source}: no text records")
+        dataset = cls.__new__(cls)
+        dataset.records = [_check_record(record, f"{source}: record {index}") for index, record in enumerate(records)]
+        return dataset
 
     def __len__(self) -> int:
         return len(self.records)

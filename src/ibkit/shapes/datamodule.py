@@ -17,7 +17,7 @@ from typing import Any
 
 from ibkit.data.datamodule import InstructionDataModule
 from ibkit.data.pretrain import PretrainData
-from ibkit.data.text import TextDataModule
+from ibkit.data.text import TextDataModule, TextPairDataset
 
 TINY_VOCAB_SIZE = 1024  # the tiny LLM/Q-Former configs use this vocabulary size
 TOKENIZER_VERSION = 3  # bump when the tokenizers change for the same data (2: punctuation split as counted;
@@ -235,13 +235,18 @@ class ShapesTextDataModule(TextDataModule):
     ``prepare_data`` makes the workspace as :class:`TinyShapesDataModule` does; ``sizes`` must name
     ``shapes_text.train`` (the corpus is written only when asked), so that the word-level tokenizers,
     built from every annotation file, cover its words. Files and tokenizer default to the workspace's.
+
+    ``focus_kinds`` trains and validates instead on as many fresh records of only those kinds, about scenes
+    of ``focus_objects`` (low, high) objects, made in memory (the same words, so the tokenizers still
+    cover them): the demo's optional binding phase (``lm_binding.yaml``).
     """
 
     def __init__(self, root: str = "outputs/tiny", data_seed: int = 0, render_size: int = 64,
                  sizes: dict[str, int] | None = None, tokenizer: str | None = None, batch_size: int = 64,
                  eval_batch_size: int | None = None, max_prompt_len: int = 192, max_target_len: int = 32,
-                 max_eval_samples: int | None = None, num_workers: int = 0, seed: int = 0) -> None:
-        from ibkit.shapes.text_corpus import TEXT_CORPUS
+                 max_eval_samples: int | None = None, num_workers: int = 0, seed: int = 0,
+                 focus_kinds: list[str] | None = None, focus_objects: tuple[int, int] = (1, 4)) -> None:
+        from ibkit.shapes.text_corpus import TEXT_CORPUS, make_focused_records
         from ibkit.shapes.writer import wants_text_corpus
 
         if not wants_text_corpus(sizes):
@@ -255,6 +260,20 @@ class ShapesTextDataModule(TextDataModule):
                          max_target_len=max_target_len, max_eval_samples=max_eval_samples,
                          num_workers=num_workers, seed=seed)
         self.root, self.data_seed, self.render_size, self.sizes = root_path, data_seed, render_size, dict(sizes or {})
+        self.focus: dict[str, list[dict]] = {}
+        if focus_kinds is not None:  # made now: a wrong kind fails before any training starts
+            counts = {"train": self.sizes[f"{TEXT_CORPUS}.train"], "val": self.sizes.get(f"{TEXT_CORPUS}.val", 0)}
+            self.focus = {split: make_focused_records(data_seed, split, count, focus_kinds, tuple(focus_objects))
+                          for split, count in counts.items() if count}
 
     def prepare_data(self) -> None:
         prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes)
+
+    def setup(self, stage: str | None = None) -> None:
+        if "train" in self.focus and self.train_set is None and stage in (None, "fit"):
+            self.train_set = TextPairDataset.of_records(self.focus["train"], "focused text records (train)")
+        if "val" in self.focus and self.val_set is None:
+            self.val_set = TextPairDataset.of_records(self.focus["val"], "focused text records (val)")
+            if self.max_eval_samples is not None:
+                self.val_set.records = self.val_set.records[: self.max_eval_samples]
+        super().setup(stage)

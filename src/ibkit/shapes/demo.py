@@ -6,7 +6,8 @@ each step itself, every one a public ``ibkit`` command over the YAML files in ``
 module (package data), printed as it runs:
 
 1. ``encoder``: an image encoder pretrained on shapes images (caption words detected in image tokens);
-2. ``lm``: a small T5 trained on a text-only instruction corpus about scene descriptions (the FlanT5 stand-in);
+2. ``lm``: a small T5 trained on a text-only instruction corpus about scene descriptions (the FlanT5 stand-in),
+   after an optional binding phase (``--steps '{lm_binding: 3000}'``, ``configs/lm_binding.yaml``);
 3. ``blip2_stage1``: BLIP-2 stage 1 (ITC + ITM + ITG) with the encoder frozen;
 4. ``blip2_stage2``: BLIP-2 stage 2 (prefix LM on captions) with encoder and T5 frozen;
 5. ``instruct_side``: a warm-up of the Q-Former on the held-in side questions alone (the demo's departure
@@ -109,7 +110,7 @@ class Pipeline:
 
     def fit(self, step: str, config: str, extra: list[str], export: bool = False, swappable: bool = True,
             stacked: Sequence[str] = ()) -> Commands:
-        run = self.run(step) if step != "lm" else self.lm.parent
+        run = self.out / step if step in LM_STEPS else self.run(step)  # the LM: once per output dir
         args = [*self._configs(config, swappable, stacked), *self._data(), *self._trainer(run, self.steps.get(step)),
                 *extra]
         commands = [["fit", *args]]
@@ -134,8 +135,15 @@ class Pipeline:
         return self.fit("encoder", self.encoder_config, [], export=True, swappable=False)
 
     def language_model(self) -> Commands:
-        llm = self.out / "tokenizers" / "llm"
-        return self.fit("lm", "lm", [f"--model.init_args.tokenizer={llm}"], export=True, swappable=False)
+        """Step 2, the T5 on the corpus; with ``steps["lm_binding"]`` after a binding phase that it starts from
+        (``lm_binding.yaml`` stacked on ``lm.yaml``: colour and shape questions about 2-4 objects)."""
+        tokenizer = [f"--model.init_args.tokenizer={self.out / 'tokenizers' / 'llm'}"]
+        if not self.steps.get("lm_binding"):
+            return self.fit("lm", "lm", tokenizer, export=True, swappable=False)
+        start = ['--model.init_args.language_model={"class_path": "ibkit.LanguageModel", "init_args": {"config": null, '
+                 f'"name_or_path": "{self.out / "lm_binding" / "model"}", "frozen": false}}}}']
+        return [*self.fit("lm_binding", "lm", tokenizer, export=True, swappable=False, stacked=["lm_binding"]),
+                *self.fit("lm", "lm", [*tokenizer, *start], export=True, swappable=False)]
 
     @property
     def _cache(self) -> str:
@@ -242,7 +250,24 @@ STEP_LABELS = {"data": "rendering the data, tokenizers",
                "instruct_side": "side warm-up (side questions only)", "instruct": "instruction tuning",
                "evaluate": "evaluation (both models, side by side)",
                "probe": "the T5 alone, held-in questions from the scenes' descriptions"}
+LM_BINDING_LABEL = "T5: binding phase, then the text instruction corpus (beside the encoder)"
 INSTRUCTION_TUNING = ("instruct_side", "instruct")  # the steps an ablation arm runs itself
+LM_STEPS = ("lm_binding", "lm")  # trained once per output directory, shared by every arm and seed
+TRAINED_STEPS = ("encoder", *LM_STEPS, "blip2_stage1", "blip2_stage2", *INSTRUCTION_TUNING)  # what --steps sets
+
+
+def check_steps(steps: dict[str, int | None] | None) -> dict[str, int | None]:
+    """``--steps`` as given, refused with the step names when one is not a training step (a typo would
+    otherwise train the configs' length silently) or a length is not a positive whole number."""
+    steps = dict(steps or {})
+    unknown = sorted(set(steps) - set(TRAINED_STEPS))
+    if unknown:
+        raise ValueError(f"--steps: unknown step(s) {unknown}; the training steps are {list(TRAINED_STEPS)}")
+    bad = {name: n for name, n in steps.items() if n is not None and (
+        not isinstance(n, int) or isinstance(n, bool) or n < (0 if name == "lm_binding" else 1))}
+    if bad:
+        raise ValueError(f"--steps: {bad}: each a positive whole number of training steps (lm_binding: 0 leaves it out)")
+    return steps
 
 
 def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None] | None = None,
@@ -256,14 +281,15 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     out.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline(out, out, seed=seed, data_seed=seed, sizes=sizes, steps=dict(steps or {}),
                         max_eval_samples=max_eval_samples)
-    clock = StepClock(STEP_LABELS)
+    labels = {**STEP_LABELS, **({"lm": LM_BINDING_LABEL} if pipeline.steps.get("lm_binding") else {})}
+    clock = StepClock(labels)
     print("[demo] rendering the shapes data and writing the tokenizers", flush=True)
     pipeline.prepare_data()
     clock.done("data")
     # the encoder and the T5 do not depend on each other: side by side, an equal share of the cores each
     pretrained = run_side_by_side({"encoder": pipeline.encoder(), "lm": pipeline.language_model()},
                                   {"lm": pipeline.lm.parent / "log.txt"})
-    clock.done("encoder", f"{STEP_LABELS['encoder']} | {STEP_LABELS['lm']}")
+    clock.done("encoder", f"{labels['encoder']} | {labels['lm']}")
     clock.seconds.update(pretrained)  # they ran at the same time: each step gets its own job's wall time
     for name, commands in (("blip2_stage1", pipeline.blip2_stage1()), ("blip2_stage2", pipeline.blip2_stage2()),
                            ("instruct_side", pipeline.instruct_side()), ("instruct", pipeline.instruct(export=True))):
@@ -287,7 +313,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
         "heldin_vqa_by_shapes": by_shapes,
         "lm_text_by_shapes": lm_by_shapes,
         "heldin_questions": sum(v["n"] for v in heldin["instructblip"].values()),
-        "steps": {key: {"label": STEP_LABELS[key], "seconds": seconds,
+        "steps": {key: {"label": labels[key], "seconds": seconds,
                         "curve": key if key not in ("data", "evaluate", "probe") else None}
                   for key, seconds in clock.seconds.items()},
         "seconds": clock.total,
@@ -388,7 +414,8 @@ def demo(output_dir: str | None = None, seed: int = 0, steps: dict[str, int] | N
     Args:
         output_dir: where runs, models and results go; default: outputs/demo (outputs/ablation with ``ablation``).
         seed: the run seed of the demo, also the seed its shapes data is rendered from.
-        steps: training steps per pipeline step, e.g. ``'{encoder: 300, instruct: 1000}'`` (default: the configs').
+        steps: training steps per pipeline step, e.g. ``'{encoder: 300, instruct: 1000}'`` (default: the configs');
+            ``lm_binding: 3000`` adds the T5's binding phase (``configs/lm_binding.yaml``, off by default).
         max_eval_samples: evaluate at most this many samples per dataset (default: all).
         ablation: run the instruction-tuning ablations (BLIP-2 Q-Former, uniform mixing, swapped encoder) over
             ``seeds`` instead.
@@ -398,6 +425,7 @@ def demo(output_dir: str | None = None, seed: int = 0, steps: dict[str, int] | N
     from ibkit.models.precision import pinned_cpu_bf16
 
     output_dir = output_dir or ("outputs/ablation" if ablation else "outputs/demo")
+    steps = check_steps(steps)
     with pinned_cpu_bf16() as bf16:  # one precision for every step: a noisy timing must not change a result
         print(f"[demo] fast bf16 on this CPU: {'yes' if bf16 else 'no'} (decided once for every step)", flush=True)
         if ablation:

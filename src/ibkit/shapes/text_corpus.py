@@ -47,6 +47,7 @@ NUM_OPTIONS = 4
 MAX_DIALOG_ROUNDS = 3
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 PRESENCE_QUESTIONS = ("Is there a {color} shape?", "Is any shape {color}?", "Is one of the shapes {color}?")
+OBJECTS = (1, 4)  # the fewest and most objects a described scene has
 KINDS = (*(f"qa_{qtype}" for qtype in QA_TYPES), "caption", "true_false", "options", "color_present", "dialog")
 
 
@@ -143,14 +144,15 @@ def make_item(rng: random.Random, scene: Scene, kind: str) -> Item | None:
     return makers[kind](rng, scene)
 
 
-def make_record(rng: random.Random, kinds: Sequence[str] = KINDS) -> dict:
-    """One (prompt, target) record: the kind uniformly from ``kinds``, a fresh scene until the kind fits it.
+def make_record(rng: random.Random, kinds: Sequence[str] = KINDS, objects: tuple[int, int] = OBJECTS) -> dict:
+    """One (prompt, target) record: the kind uniformly from ``kinds``, a fresh scene of ``objects[0]`` to
+    ``objects[1]`` objects until the kind fits it.
 
     No id field: the demo's word-level vocabulary is counted over every string of the annotation files,
     and 40k distinct index numbers would compete with words for its 1,024 entries."""
     kind = rng.choice(list(kinds))
     while True:
-        scene = sample_scene(rng, rng.randint(1, 4), TRAIN_PAIRS)
+        scene = sample_scene(rng, rng.randint(*objects), TRAIN_PAIRS)
         item = make_item(rng, scene, kind)
         if item is not None:
             break
@@ -167,6 +169,21 @@ def make_records(seed: int, split: str, count: int) -> list[dict]:
     """``count`` records of ``split``; the same for the same (seed, split) in every process."""
     rng = random.Random(f"ibkit-shapes:{seed}:{TEXT_CORPUS}:{split}")
     return [make_record(rng) for _ in range(count)]
+
+
+def make_focused_records(seed: int, split: str, count: int, kinds: Sequence[str],
+                         objects: tuple[int, int]) -> list[dict]:
+    """``count`` records of only ``kinds`` about scenes of ``objects[0]`` to ``objects[1]`` objects (the demo's
+    optional binding phase: colour and shape questions about 2-4 objects), drawn from their own random
+    stream, so that they never repeat the corpus's records; the same for the same arguments everywhere."""
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if not kinds or unknown:
+        raise ValueError(f"kinds {list(kinds)!r}: choose from {list(KINDS)}")
+    low, high = objects
+    if not OBJECTS[0] <= low <= high <= OBJECTS[1]:
+        raise ValueError(f"objects {objects!r}: a range (low, high) within {OBJECTS}")
+    rng = random.Random(f"ibkit-shapes:{seed}:{TEXT_CORPUS}:focused:{split}:{','.join(kinds)}:{low}-{high}")
+    return [make_record(rng, kinds, (low, high)) for _ in range(count)]
 
 
 def kind_counts(records: Sequence[dict]) -> Counter:
