@@ -140,10 +140,11 @@ class Pipeline:
         tokenizer = [f"--model.init_args.tokenizer={self.out / 'tokenizers' / 'llm'}"]
         if not self.steps.get("lm_binding"):
             return self.fit("lm", "lm", tokenizer, export=True, swappable=False)
-        start = ['--model.init_args.language_model={"class_path": "ibkit.LanguageModel", "init_args": {"config": null, '
-                 f'"name_or_path": "{self.out / "lm_binding" / "model"}", "frozen": false}}}}']
+        start = {"class_path": "ibkit.LanguageModel",  # the same T5, its weights from the binding phase
+                 "init_args": {"config": None, "name_or_path": str(self.out / "lm_binding" / "model"), "frozen": False}}
         return [*self.fit("lm_binding", "lm", tokenizer, export=True, swappable=False, stacked=["lm_binding"]),
-                *self.fit("lm", "lm", [*tokenizer, *start], export=True, swappable=False)]
+                *self.fit("lm", "lm", [*tokenizer, f"--model.init_args.language_model={json.dumps(start)}"], export=True,
+                          swappable=False)]
 
     @property
     def _cache(self) -> str:

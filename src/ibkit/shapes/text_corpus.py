@@ -174,8 +174,8 @@ def make_records(seed: int, split: str, count: int) -> list[dict]:
 def make_focused_records(seed: int, split: str, count: int, kinds: Sequence[str],
                          objects: tuple[int, int]) -> list[dict]:
     """``count`` records of only ``kinds`` about scenes of ``objects[0]`` to ``objects[1]`` objects (the demo's
-    optional binding phase: colour and shape questions about 2-4 objects), drawn from their own random
-    stream, so that they never repeat the corpus's records; the same for the same arguments everywhere."""
+    optional binding phase: colour and shape questions about 2-4 objects), drawn from a random stream of
+    their own rather than the corpus's; the same for the same arguments everywhere."""
     unknown = [kind for kind in kinds if kind not in KINDS]
     if not kinds or unknown:
         raise ValueError(f"kinds {list(kinds)!r}: choose from {list(KINDS)}")
