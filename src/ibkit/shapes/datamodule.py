@@ -260,20 +260,25 @@ class ShapesTextDataModule(TextDataModule):
                          max_target_len=max_target_len, max_eval_samples=max_eval_samples,
                          num_workers=num_workers, seed=seed)
         self.root, self.data_seed, self.render_size, self.sizes = root_path, data_seed, render_size, dict(sizes or {})
-        self.focus: dict[str, list[dict]] = {}
-        if focus_kinds is not None:  # made now: a wrong kind fails before any training starts
-            counts = {"train": self.sizes[f"{TEXT_CORPUS}.train"], "val": self.sizes.get(f"{TEXT_CORPUS}.val", 0)}
-            self.focus = {split: make_focused_records(data_seed, split, count, focus_kinds, tuple(focus_objects))
-                          for split, count in counts.items() if count}
+        self.focus = None if focus_kinds is None else (list(focus_kinds), tuple(focus_objects))
+        if self.focus is not None:  # no records yet (setup makes them), but a wrong kind or range fails now
+            make_focused_records(data_seed, "train", 0, *self.focus)
 
     def prepare_data(self) -> None:
         prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes)
 
     def setup(self, stage: str | None = None) -> None:
-        if "train" in self.focus and self.train_set is None and stage in (None, "fit"):
-            self.train_set = TextPairDataset.of_records(self.focus["train"], "focused text records (train)")
-        if "val" in self.focus and self.val_set is None:
-            self.val_set = TextPairDataset.of_records(self.focus["val"], "focused text records (val)")
-            if self.max_eval_samples is not None:
-                self.val_set.records = self.val_set.records[: self.max_eval_samples]
+        from ibkit.shapes.text_corpus import TEXT_CORPUS, make_focused_records
+
+        if self.focus is not None:
+            def focused(split: str) -> TextPairDataset:
+                records = make_focused_records(self.data_seed, split, self.sizes.get(f"{TEXT_CORPUS}.{split}", 0), *self.focus)
+                return TextPairDataset.of_records(records, f"focused text records ({split})")
+
+            if self.train_set is None and stage in (None, "fit"):
+                self.train_set = focused("train")
+            if self.val_set is None and self.sizes.get(f"{TEXT_CORPUS}.val"):
+                self.val_set = focused("val")
+                if self.max_eval_samples is not None:
+                    self.val_set.records = self.val_set.records[: self.max_eval_samples]
         super().setup(stage)
