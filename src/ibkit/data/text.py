@@ -228,11 +228,15 @@ class TextDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and self.train_files and stage in (None, "fit"):
-            self.train_set = TextPairDataset(self.train_files)
+            self.train_set = self.dataset("train")
         if self.val_set is None and self.val_files:
-            self.val_set = TextPairDataset(self.val_files)
+            self.val_set = self.dataset("val")
             if self.max_eval_samples is not None:
                 self.val_set.records = self.val_set.records[: self.max_eval_samples]
+
+    def dataset(self, split: str) -> TextPairDataset:
+        """The records of ``split`` ("train" or "val"): its files; a subclass may make them instead."""
+        return TextPairDataset(self.train_files if split == "train" else self.val_files)
 
     def _collator(self, generate: bool) -> TextPairCollator:
         if self.tokenizer is None or self.is_encoder_decoder is None:

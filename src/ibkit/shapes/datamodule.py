@@ -267,18 +267,12 @@ class ShapesTextDataModule(TextDataModule):
     def prepare_data(self) -> None:
         prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes)
 
-    def setup(self, stage: str | None = None) -> None:
+    def dataset(self, split: str) -> TextPairDataset:
+        """The corpus file of ``split``, or with ``focus_kinds`` as many focused records made in memory."""
         from ibkit.shapes.text_corpus import TEXT_CORPUS, make_focused_records
 
-        if self.focus is not None:
-            def focused(split: str) -> TextPairDataset:
-                records = make_focused_records(self.data_seed, split, self.sizes.get(f"{TEXT_CORPUS}.{split}", 0), *self.focus)
-                return TextPairDataset.of_records(records, f"focused text records ({split})")
-
-            if self.train_set is None and stage in (None, "fit"):
-                self.train_set = focused("train")
-            if self.val_set is None and self.sizes.get(f"{TEXT_CORPUS}.val"):
-                self.val_set = focused("val")
-                if self.max_eval_samples is not None:
-                    self.val_set.records = self.val_set.records[: self.max_eval_samples]
-        super().setup(stage)
+        count = self.sizes.get(f"{TEXT_CORPUS}.{split}", 0)
+        if self.focus is None or not count:
+            return super().dataset(split)
+        records = make_focused_records(self.data_seed, split, count, *self.focus)
+        return TextPairDataset.of_records(records, f"focused text records ({split})")
