@@ -151,3 +151,56 @@ def test_caption_collator_batches(tmp_path):
     assert held_out["text_image"].tolist() == [0, 0, 1] and "caption_ids" not in held_out
     with pytest.raises(ValueError, match="d/1: no caption"):
         CaptionCollator(qtok)([{**items[0], "target": None}])
+
+
+class _TrainingDtypes(lightning.pytorch.Callback):
+    """Output dtypes of the Q-Former's linears in training forwards (grad on), and the LLM's attention
+    kernel at each training batch."""
+
+    def __init__(self) -> None:
+        self.dtypes: set[torch.dtype] = set()
+        self.kernels: set[str] = set()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        for linear in (m for m in pl_module.model.qformer.modules() if isinstance(m, torch.nn.Linear)):
+            linear.register_forward_hook(lambda m, i, o: self.dtypes.add(o.dtype) if torch.is_grad_enabled() else None)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        lm = getattr(pl_module.model, "language_model", None)
+        if lm is not None:
+            self.kernels.add(lm.base_model.config._attn_implementation)
+
+
+@pytest.mark.parametrize("forced", ["1", "0"], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fast_paths_in_both_stages_follow_the_precision_decision(tmp_path, monkeypatch, stage, forced):
+    """``fast_paths``: bf16 autocast in training only where bf16 is fast (forced either way here), stage 2's
+    frozen T5 stored in bf16 there and training with T5's eager attention on CPU, validating with SDPA."""
+    import lightning.pytorch as pl
+
+    from ibkit.app.config import build_from_config
+    from ibkit.models.precision import CPU_BF16_ENV, ExplicitEVAAttention
+    from ibkit.shapes.datamodule import prepare_tiny_workspace
+
+    monkeypatch.setenv(CPU_BF16_ENV, forced)
+    workspace = tmp_path / "ws"
+    prepare_tiny_workspace(workspace)
+    module, data = build_from_config([TINY / f"blip2_stage{stage}.yaml"],
+                                     {"data.init_args.root": str(workspace), "model.init_args.fast_paths": True,
+                                      "model.init_args.init_from": None})  # random weights do here
+    record = _TrainingDtypes()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, val_check_interval=2, limit_val_batches=1,
+                         check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False, callbacks=[record],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path / "run")
+    trainer.fit(module, datamodule=data)
+    bf16 = forced == "1"
+    assert record.dtypes == {torch.bfloat16 if bf16 else torch.float32}
+    assert all(type(m) is ExplicitEVAAttention for m in module.model.vision_encoder.modules()
+               if "Attention" in type(m).__name__ and hasattr(m, "qkv"))
+    assert all(p.dtype == torch.float32 for p in module.parameters() if p.requires_grad)  # fp32 masters
+    assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
+    if stage == 2:
+        lm = module.model.language_model.base_model
+        assert lm.shared.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert record.kernels == {"eager"} and lm.config._attn_implementation == "sdpa"  # validated last
+        assert "val/cider" in trainer.callback_metrics

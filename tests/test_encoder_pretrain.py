@@ -310,3 +310,28 @@ def test_conv_stem_runs_channels_last_on_cpu_with_the_same_result_and_parameters
         torch.testing.assert_close(grad, grad_ref, atol=1e-4, rtol=1e-4)
     assert seen == [True, False] * 2  # the stem's first convolution read channels-last input, the plain one NCHW
     assert not pixels.is_contiguous(memory_format=torch.channels_last)  # the caller's tensor is left alone
+
+
+@pytest.mark.parametrize("forced", ["1", "0"], ids=["bf16", "fp32"])
+def test_fast_paths_autocast_only_where_bf16_is_fast_with_explicit_attention(tmp_path, monkeypatch, forced):
+    import lightning.pytorch as pl
+
+    from ibkit.models.precision import CPU_BF16_ENV, ExplicitEVAAttention
+
+    monkeypatch.setenv(CPU_BF16_ENV, forced)  # the decision forced either way, whatever this CPU has
+    torch.manual_seed(0)
+    module = EncoderPretrainModule(_eva(), vocab_size=VOCAB, vision_words=WORDS, special_ids=SPECIALS,
+                                   optim=OptimSettings(lr=1e-3, warmup_steps=0), position_weight=0.5, fast_paths=True)
+    dtypes: set[torch.dtype] = set()
+    module.word_head.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    batches = [_batch(4, 32, seed) for seed in range(3)]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    before = float(module.caption_loss(batches[0]))
+    dtypes.clear()
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert dtypes == {torch.bfloat16 if forced == "1" else torch.float32}
+    attention = [m for m in module.vision_encoder.modules() if "Attention" in type(m).__name__ and hasattr(m, "qkv")]
+    assert attention and all(type(m) is ExplicitEVAAttention for m in attention)
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # fp32 master weights
+    assert float(module.caption_loss(batches[0])) != before  # it trained

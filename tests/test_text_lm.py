@@ -138,3 +138,30 @@ def test_bad_records_name_the_file_and_the_record(tmp_path):
 def test_answers_compare_word_by_word():
     assert normalize_answer("Two shapes : a red  circle") == normalize_answer("two shapes: a red circle")
     assert normalize_answer("left") != normalize_answer("right")
+
+
+@pytest.mark.parametrize("forced", ["1", "0"], ids=["bf16", "fp32"])
+def test_fast_paths_autocast_only_where_bf16_is_fast_and_train_t5_with_eager_attention(corpus, tmp_path, monkeypatch,
+                                                                                      forced):
+    from ibkit.models.precision import CPU_BF16_ENV
+
+    monkeypatch.setenv(CPU_BF16_ENV, forced)  # the decision forced either way, whatever this CPU has
+    pl.seed_everything(0)
+    module, data = _module(TINY_T5, corpus), _data(corpus)
+    module.fast_paths = True
+    seen: dict[str, set] = {"dtypes": set(), "kernels": set()}
+    base = module.language_model.base_model
+
+    def record(linear, inputs, output):
+        if torch.is_grad_enabled():  # training forwards only (validation answers run under no_grad)
+            seen["dtypes"].add(output.dtype)
+            seen["kernels"].add(base.config._attn_implementation)
+
+    for linear in (m for m in base.modules() if isinstance(m, torch.nn.Linear)):
+        linear.register_forward_hook(record)
+    trainer = _trainer(tmp_path / "run", 3)
+    trainer.fit(module, datamodule=data)
+    assert seen["dtypes"] == {torch.bfloat16 if forced == "1" else torch.float32}
+    assert seen["kernels"] == {"eager"} and base.config._attn_implementation == "sdpa"  # validation ran last
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # fp32 master weights
+    assert 0.0 <= trainer.callback_metrics["val/acc"] <= 1.0

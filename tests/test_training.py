@@ -424,3 +424,25 @@ def test_tiny_datamodule_keeps_only_the_training_questions_of_the_types_asked(wo
     captions = TinyShapesDataModule(root=str(workspace), datasets=["shapes_caption"], question_types=["side"])
     with pytest.raises(ValueError, match=r"shapes_caption \(train\): no training question of types \['side'\]"):
         captions.setup("fit")
+
+
+def test_fast_paths_are_refused_under_fsdp_by_both_training_modules():
+    """Instruction tuning and BLIP-2 pre-training refuse ``fast_paths`` under FSDP with the way out named; any
+    other strategy (or no trainer) passes."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+    from tiny_blip2 import tiny_stage1
+
+    from ibkit.training.fsdp import refuse_fast_paths_under_fsdp
+    from ibkit.training.pretrain import Blip2PretrainModule
+
+    fsdp = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+    refuse_fast_paths_under_fsdp(None)
+    refuse_fast_paths_under_fsdp(SimpleNamespace(strategy=SingleDeviceStrategy.__new__(SingleDeviceStrategy)))
+    for module in (InstructBLIPModule(model=tiny_model(T5_TEXT), fast_paths=True),
+                   Blip2PretrainModule(model=tiny_stage1(), fast_paths=True)):
+        module._trainer = fsdp
+        with pytest.raises(ValueError, match="bf16-mixed"):
+            module._apply_fast_paths()
+        assert module._policy is None

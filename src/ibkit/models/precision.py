@@ -105,8 +105,12 @@ class PrecisionPolicy:
 
     def set_mode(self, model: nn.Module, training: bool) -> None:
         """Select the LLM attention kernel for training or inference (cheap; a no-op when unchanged)."""
+        self.set_llm_mode(model.language_model, training)
+
+    def set_llm_mode(self, language_model: nn.Module, training: bool) -> None:
+        """:meth:`set_mode` for a bare :class:`ibkit.LanguageModel` (one trained on text alone)."""
         wanted = self.llm_attention if training else self.llm_inference_attention
-        base = model.language_model.base_model
+        base = language_model.base_model
         if wanted is not None and base.config._attn_implementation != wanted:
             base.set_attn_implementation(wanted)
 

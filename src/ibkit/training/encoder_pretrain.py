@@ -19,6 +19,7 @@ with ``init_from``) and ``encoder.json`` (what it is); the norm and head stay be
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -103,6 +104,11 @@ class EncoderPretrainModule(LightningModule):
         optim: AdamW + warm-up/cosine (:mod:`ibkit.training.optim`).
         position_weight: weight of the position-prediction loss beside the vision-word loss (0: off); needs
             an encoder whose config has a ``patch_size`` (EVA ViT, CLIP/SigLIP towers).
+        fast_paths: the training half of ibkit's precision policy (:mod:`ibkit.models.precision`): where
+            bf16 is fast, the training forward runs under bf16 autocast (fp32 master weights, as Lightning's
+            ``bf16-mixed``); on CPU an EVA ViT computes attention explicitly. Measured on the 2-core AMD EPYC
+            (AVX512-BF16), one thread, the demo's encoder step: 0.33 s -> 0.19 s. Where bf16 is slow only the
+            attention kernel changes.
     """
 
     def __init__(
@@ -113,6 +119,7 @@ class EncoderPretrainModule(LightningModule):
         special_ids: list[int] | None = None,
         optim: OptimSettings | None = None,
         position_weight: float = 0.0,
+        fast_paths: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(vision_encoder, VisionEncoder):
@@ -138,6 +145,8 @@ class EncoderPretrainModule(LightningModule):
         self.optim = optim or OptimSettings()
         self.strict_loading = False  # checked strictly by check_trainable_state
         self.trained_steps: int | None = None  # the exported checkpoint's step
+        self.fast_paths = fast_paths
+        self._policy: Any = None  # the PrecisionPolicy, chosen at setup for the trainer's device
         self._val: dict[str, list[torch.Tensor]] | None = None
         self._last_step_end: float | None = None
 
@@ -165,6 +174,15 @@ class EncoderPretrainModule(LightningModule):
     def setup(self, stage: str) -> None:
         if type(self.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.fast_paths and self._policy is None:
+            from ibkit.models.precision import default_policy, use_explicit_attention
+
+            device = self.trainer.strategy.root_device
+            self._policy = default_policy(device, encoder_decoder=False)
+            if self._policy.vision_attention == "explicit":
+                use_explicit_attention(self.vision_encoder)
+            log.info("fast paths on %s: autocast %s, vision attention %s", device, self._policy.autocast_dtype,
+                     self._policy.vision_attention)
 
     # ----------------------------------------------------------------------------------- the loss
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -202,12 +220,13 @@ class EncoderPretrainModule(LightningModule):
             log.warning("step %d: empty batch (all samples skipped)", self.global_step)
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
         size = int(pixels.shape[0])
-        tokens = self.image_tokens(pixels)
-        loss = self.caption_loss(batch, tokens)
-        if self.position_head is not None:  # one encoder pass serves both losses
-            where = self.position_loss(tokens)
-            self.log("train/position_loss", where, on_step=True, batch_size=size)
-            loss = loss + self.position_weight * where
+        with self._policy.autocast(self.device.type) if self._policy is not None else contextlib.nullcontext():
+            tokens = self.image_tokens(pixels)
+            loss = self.caption_loss(batch, tokens)
+            if self.position_head is not None:  # one encoder pass serves both losses
+                where = self.position_loss(tokens)
+                self.log("train/position_loss", where, on_step=True, batch_size=size)
+                loss = loss + self.position_weight * where
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
         self._log_throughput(size)
         return loss

@@ -192,3 +192,11 @@ class InstructBLIPFSDPStrategy(FSDPStrategy):
             if llm_blocks:
                 self._activation_checkpointing_kwargs = {"check_fn": checkpointing_check_fn(llm_blocks)}
         return super()._setup_model(model)
+
+
+def refuse_fast_paths_under_fsdp(trainer: Any) -> None:
+    """``fast_paths`` stores frozen parts in bf16 beside fp32 trainable ones; FSDP shards flat parameters of one
+    dtype per unit, so under FSDP the strategy's mixed precision is the way (a clear error, not a crash later)."""
+    if trainer is not None and "fsdp" in type(trainer.strategy).__name__.lower():
+        raise ValueError("fast_paths: FSDP shards flat parameters of one dtype; use the strategy's "
+                         "mixed precision (trainer.precision: bf16-mixed) instead")

@@ -33,6 +33,7 @@ from ibkit.training.checkpoint import (
     load_trainable_weights,
     save_trainable_state,
 )
+from ibkit.training.fsdp import refuse_fast_paths_under_fsdp
 from ibkit.training.optim import OptimSettings, configure_warmup_cosine
 from ibkit.training.vision_words import VisionWordHead, VisionWordSettings, vision_word_loss, word_targets
 
@@ -186,9 +187,7 @@ class InstructBLIPModule(LightningModule):
             from ibkit.models.precision import apply_precision_policy, default_policy
 
             trainer = self._trainer
-            if trainer is not None and "fsdp" in type(trainer.strategy).__name__.lower():
-                raise ValueError("fast_paths: FSDP shards flat parameters of one dtype; use the strategy's "
-                                 "mixed precision (trainer.precision: bf16-mixed) instead")
+            refuse_fast_paths_under_fsdp(trainer)
             device = trainer.strategy.root_device if trainer is not None else self.device
             self._policy = default_policy(device, encoder_decoder=self.model.is_encoder_decoder)
             apply_precision_policy(self.model, self._policy)

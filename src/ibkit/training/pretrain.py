@@ -41,6 +41,7 @@ from ibkit.training.checkpoint import (
     load_trainable_weights,
     save_trainable_state,
 )
+from ibkit.training.fsdp import refuse_fast_paths_under_fsdp
 from ibkit.training.optim import OptimSettings, configure_warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,10 @@ class Blip2PretrainModule(LightningModule):
         retrieval_k: candidates re-ranked by ITM per query in validation (BLIP-2: 128; 0: ITC only).
         caption_max_new_tokens: length of validation captions (CIDEr).
         max_prefix_length: prefix LM (stage 2, FlanT5): longest encoder prefix (tokens, eos included).
+        fast_paths: ibkit's precision policy (:mod:`ibkit.models.precision`), as instruction tuning applies it:
+            where bf16 is fast the training forward runs under bf16 autocast (trainable weights keep fp32
+            masters) and stage 2 stores the frozen encoder and LLM in bf16; plus the CPU attention kernels.
+            Single device and DDP (under FSDP use the strategy's mixed precision).
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class Blip2PretrainModule(LightningModule):
         retrieval_k: int = 128,
         caption_max_new_tokens: int = 30,
         max_prefix_length: int | None = None,
+        fast_paths: bool = False,
     ) -> None:
         super().__init__()
         if (model is None) == (pretrained is None):
@@ -105,6 +111,8 @@ class Blip2PretrainModule(LightningModule):
         self.retrieval_k = retrieval_k
         self.caption_max_new_tokens = caption_max_new_tokens
         self.max_prefix_length = max_prefix_length
+        self.fast_paths = fast_paths
+        self._policy: Any = None  # the PrecisionPolicy once applied
         self.strict_loading = False  # frozen weights are not in the checkpoint; checked strictly ourselves
         self._prepared = False
         self._processor: Processor | None = None
@@ -130,9 +138,27 @@ class Blip2PretrainModule(LightningModule):
             self.model = load_blip2(self.pretrained, **kwargs).train(self.training)
         if not self._prepared:
             self._prepare()
+        self._apply_fast_paths()
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "connect"):
             self._text = datamodule.connect(self.processor(), self.stage == 2 and self.model.is_encoder_decoder)
+
+    def _apply_fast_paths(self) -> None:
+        """The precision policy, once, after the feature cache (a callback's setup) has read the encoder in
+        fp32: stage 2 casts the frozen parts as instruction tuning does, stage 1 (no LLM) only autocasts."""
+        if not self.fast_paths or self._policy is not None:
+            return
+        from ibkit.models.precision import apply_precision_policy, default_policy, use_explicit_attention
+
+        trainer = self._trainer
+        refuse_fast_paths_under_fsdp(trainer)
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        self._policy = default_policy(device, encoder_decoder=self.stage == 2 and self.model.is_encoder_decoder)
+        if self.stage == 2:
+            apply_precision_policy(self.model, self._policy)
+        elif self._policy.vision_attention == "explicit":
+            use_explicit_attention(self.model.vision_encoder)
+        log.info("fast paths on %s: %s", device, self._policy.as_dict())
 
     def _prepare(self) -> None:
         if isinstance(self.model, InstructBLIP) and self.model.qformer_config.instruction_aware:
@@ -195,11 +221,26 @@ class Blip2PretrainModule(LightningModule):
                 return {key: batch[key]}
         return {}
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._policy is not None and self.stage == 2:
+            self._policy.set_mode(self.model, training=True)  # a no-op unless validation switched it
+
+    def on_validation_epoch_start(self) -> None:
+        if self._policy is not None and self.stage == 2:
+            self._policy.set_mode(self.model, training=False)
+        self._start_validation()
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = self.images(batch)
         if not images:
             log.warning("step %d: empty batch (all samples skipped)", self.global_step)
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+        if self._policy is not None:
+            with self._policy.autocast(self.device.type):
+                return self._training_loss(batch, batch_idx, images)
+        return self._training_loss(batch, batch_idx, images)
+
+    def _training_loss(self, batch: dict[str, Any], batch_idx: int, images: dict[str, torch.Tensor]) -> torch.Tensor:
         size = int(next(iter(images.values())).shape[0])
         if self.stage == 1:
             out = self.model(**images, input_ids=batch["input_ids"],
@@ -221,7 +262,7 @@ class Blip2PretrainModule(LightningModule):
         return configure_warmup_cosine(self.named_parameters(), self.optim, self.trainer)
 
     # ----------------------------------------------------------------------------------- validation
-    def on_validation_epoch_start(self) -> None:
+    def _start_validation(self) -> None:
         self._val = {"images": [], "tokens": [], "texts": [], "ids": [], "masks": [], "text_image": [], "loss": []}
         self._cider = CIDEr().to("cpu")
         self._images_seen = 0

@@ -62,10 +62,15 @@ class TextLMModule(LightningModule):
         tokenizer: the LM's tokenizer folder (also saved by ``ibkit export``); unset, the datamodule's.
         optim: AdamW + warm-up/cosine (:data:`TEXT_LM_OPTIM` by default).
         max_new_tokens: length limit of the greedy validation answers.
+        fast_paths: the training half of ibkit's precision policy (:mod:`ibkit.models.precision`): where
+            bf16 is fast, the training forward runs under bf16 autocast (fp32 master weights, as Lightning's
+            ``bf16-mixed``); on CPU a T5 trains with eager attention (its position bias sends SDPA to a slow
+            masked kernel) and validates with SDPA. Measured on the 2-core AMD EPYC (AVX512-BF16), one thread,
+            the demo's T5 step: 0.24 s -> 0.15 s. Where bf16 is slow only the kernels change.
     """
 
     def __init__(self, language_model: LanguageModel, tokenizer: str | None = None,
-                 optim: OptimSettings | None = None, max_new_tokens: int = 32) -> None:
+                 optim: OptimSettings | None = None, max_new_tokens: int = 32, fast_paths: bool = False) -> None:
         super().__init__()
         if not any(p.requires_grad for p in language_model.parameters()):
             raise ValueError("TextLMModule trains the language model: build it with frozen: false (or LoRA)")
@@ -73,6 +78,8 @@ class TextLMModule(LightningModule):
         self.tokenizer_path = tokenizer
         self.optim = optim or TEXT_LM_OPTIM
         self.max_new_tokens = max_new_tokens
+        self.fast_paths = fast_paths
+        self._policy: Any = None  # the PrecisionPolicy, chosen at setup for the trainer's device
         self.strict_loading = False  # checked strictly by check_trainable_state
         self._tokenizer: Any = None
         self._val: dict[str, Any] = {}
@@ -98,14 +105,29 @@ class TextLMModule(LightningModule):
     def setup(self, stage: str) -> None:
         if type(self.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.fast_paths and self._policy is None:
+            from ibkit.models.precision import default_policy
+
+            device = self.trainer.strategy.root_device
+            self._policy = default_policy(device, encoder_decoder=self.language_model.is_encoder_decoder)
+            log.info("fast paths on %s: autocast %s, training attention %s", device, self._policy.autocast_dtype,
+                     self._policy.llm_attention)
 
     # ----------------------------------------------------------------------------------- training
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    labels=batch["labels"]).loss
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._policy is not None:
+            self._policy.set_llm_mode(self.language_model, training=True)  # a no-op unless validation switched it
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        if self._policy is not None:
+            with self._policy.autocast(self.device.type):
+                loss = self._loss(batch)
+        else:
+            loss = self._loss(batch)
         size = int(batch["input_ids"].shape[0])
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
         if self.trainer.optimizers:
@@ -122,6 +144,8 @@ class TextLMModule(LightningModule):
         return greedy_answers(self.language_model, self._tokenizer, input_ids, attention_mask, self.max_new_tokens)
 
     def on_validation_epoch_start(self) -> None:
+        if self._policy is not None:
+            self._policy.set_llm_mode(self.language_model, training=False)
         self._val = {"loss": 0.0, "tokens": 0, "right": defaultdict(int), "seen": defaultdict(int)}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
