@@ -73,6 +73,20 @@ def test_training_batches_follow_the_logged_sqrt_mixture(root, tokenizers, caplo
     assert all(isinstance(text, str) and text for text in batch["instructions"])
 
 
+def test_one_dataset_per_batch_on_each_rank(root, tokenizers, monkeypatch):
+    monkeypatch.setattr(InstructionDataModule, "_rank_world", lambda self: (1, 2))
+    dm = make_dm(root, tokenizers, batch_size=2, one_dataset_per_batch=True, block_size=1000)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = list(islice(iter(loader), 30))
+    assert all(len(set(batch["datasets"])) == 1 for batch in batches)
+    assert len({batch["datasets"][0] for batch in batches}) > 2
+    # rank 1's k-th batch is global batch k (positions 4k..4k+3 of a stream with runs of 2 x 2, blocks of 1,004)
+    sizes = [len(dataset) for dataset in dm.train_dataset.datasets]
+    stream = MixtureStream(sizes, [dm.mixture[n] for n in dm.train_dataset.names], seed=3, block_size=1004, run_length=4)
+    assert [batch["datasets"][0] for batch in batches] == [dm.train_dataset.names[stream[4 * k + 1][0]] for k in range(30)]
+
+
 def test_eval_loaders_one_per_dataset_in_generate_mode(root, tokenizers):
     dm = make_dm(root, tokenizers, llm="llama", eval_batch_size=2)
     dm.setup("validate")

@@ -114,6 +114,33 @@ def test_stream_is_a_pure_function_of_seed_and_position():
     assert [other_seed[p] for p in range(300)] != sequential
 
 
+def test_run_length_one_is_the_per_sample_stream():
+    args = ([30, 20, 10], [0.2, 0.3, 0.5])
+    plain = MixtureStream(*args, seed=5, block_size=64)
+    runs_of_one = MixtureStream(*args, seed=5, block_size=64, run_length=1)
+    assert [plain[p] for p in range(200)] == [runs_of_one[p] for p in range(200)]
+
+
+def test_one_dataset_per_run_keeps_weights_permutations_and_random_access():
+    sizes, weights, run = [11, 40, 23], [0.2, 0.3, 0.5], 8
+    stream = MixtureStream(sizes, weights, seed=9, block_size=64, run_length=run)
+    draws = [(d, i) for d, i, _ in islice(stream.iter_positions(0), 16_000)]
+    runs = [draws[k : k + run] for k in range(0, len(draws), run)]
+    assert all(len({d for d, _ in chunk}) == 1 for chunk in runs)  # every run draws one dataset
+    assert len({chunk[0][0] for chunk in runs[:40]}) == 3  # ...and runs differ
+    counts = Counter(chunk[0][0] for chunk in runs)
+    for index, p in enumerate(weights):  # the runs follow the weights
+        assert abs(counts[index] - len(runs) * p) < 5 * math.sqrt(len(runs) * p * (1 - p)), counts
+    for d, size in enumerate(sizes):  # each dataset is still walked epoch by epoch, no repeats inside one
+        seen = [i for dd, i in draws if dd == d]
+        assert sorted(seen[:size]) == list(range(size)) and sorted(seen[size : 2 * size]) == list(range(size))
+    fresh = MixtureStream(sizes, weights, seed=9, block_size=64, run_length=run)
+    for position in (15_999, 0, 777, 64, 63):  # resuming anywhere reproduces the stream
+        assert fresh[position] == draws[position]
+    with pytest.raises(ValueError, match="run_length must be positive and divide block_size 64"):
+        MixtureStream(sizes, weights, block_size=64, run_length=24)
+
+
 def _take(sampler: MixtureSampler, count: int) -> list[tuple[int, int, int]]:
     return list(islice(iter(sampler), count))
 

@@ -78,6 +78,8 @@ class InstructionDataModule(LightningDataModule):
         paths: per-dataset file role overrides, e.g. ``{"vqav2": {"images": "/fast/coco"}}``.
         mixing: ``sqrt`` (paper), ``proportional`` or ``uniform`` base weights.
         multipliers: per-dataset weight factors over the defaults (A-OKVQA 0.5, OKVQA 2.0).
+        one_dataset_per_batch: draw the dataset once per batch (LAVIS's ``MultiIterLoader``), not per sample:
+            a batch of short answers is then not padded to the longest caption of the mixture.
         eval_splits: split per eval dataset, over the paper's defaults.
         train_augment / crop_scale: RandomResizedCrop(scale) for training; ``train_augment=False`` trains
             on the deterministic eval transform (counting/spatial data, the frozen-feature cache).
@@ -112,6 +114,7 @@ class InstructionDataModule(LightningDataModule):
         mixing: str = "sqrt",
         multipliers: dict[str, float] | None = None,
         use_default_multipliers: bool = True,
+        one_dataset_per_batch: bool = False,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
@@ -164,6 +167,7 @@ class InstructionDataModule(LightningDataModule):
         self.mixing = mixing
         self.multipliers = multipliers
         self.use_default_multipliers = use_default_multipliers
+        self.one_dataset_per_batch = one_dataset_per_batch
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -450,6 +454,7 @@ class InstructionDataModule(LightningDataModule):
             world_size=world_size,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
+            one_dataset_per_batch=self.one_dataset_per_batch,
         )
         slots = getattr(stream, "num_slots", None)
         if slots is not None and self._saved_stream_slots not in (None, slots):

@@ -4,6 +4,7 @@ InstructBLIP samples dataset ``d`` with probability ``sqrt(S_d) / sum_i sqrt(S_i
 few datasets by hand (A-OKVQA down, OKVQA up). Here the whole training stream is a *pure function of
 (seed, position)*: draw ``p`` is computed from generators seeded by ``(seed, p // block_size)``, so a
 run resumed at position ``p`` continues exactly where it stopped, on any number of ranks and workers.
+The dataset is drawn per sample, or (``run_length``) once per batch as LAVIS's ``MultiIterLoader`` does.
 
 Within one dataset the draws walk through a seeded permutation of its samples, epoch by epoch (every
 sample is seen once before any repeats), like the per-dataset shuffled loaders of the original code.
@@ -140,6 +141,11 @@ class MixtureStream:
     generator seeded by ``(seed, b)`` alone, so any draw can be recomputed without replaying the run.
     The k-th draw of dataset ``d`` takes sample ``perm_{seed,d,epoch}(k mod S_d)`` with
     ``epoch = k // S_d`` (``shuffle=False`` keeps file order inside each epoch).
+
+    ``run_length`` > 1 draws one dataset for each run of that many consecutive positions, as LAVIS's
+    ``MultiIterLoader`` draws one dataset per batch: with ``run_length`` = batch size x ranks every
+    batch holds one dataset, so a batch of short answers is not padded to a long caption. It must
+    divide ``block_size``; 1 (the default) draws per sample.
     """
 
     def __init__(
@@ -149,6 +155,7 @@ class MixtureStream:
         seed: int = 0,
         block_size: int = 4096,
         shuffle: bool = True,
+        run_length: int = 1,
     ) -> None:
         if len(sizes) != len(weights) or not sizes:
             raise ValueError(
@@ -162,6 +169,9 @@ class MixtureStream:
                 raise ValueError(f"dataset #{index} has weight {weight} but no samples")
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if run_length <= 0 or block_size % run_length:
+            raise ValueError(f"run_length must be positive and divide block_size {block_size}, got {run_length}")
+        self.run_length = int(run_length)
         self.sizes = [int(s) for s in sizes]
         self.probabilities = probabilities / probabilities.sum()
         self._cdf = np.cumsum(self.probabilities)
@@ -181,11 +191,12 @@ class MixtureStream:
         return len(self.sizes)
 
     def _block_datasets(self, block: int) -> np.ndarray:
-        """Dataset choices of one block: inverse-CDF sampling of uniforms seeded by (seed, block)."""
+        """Dataset choices of one block: inverse-CDF sampling of uniforms seeded by (seed, block), one
+        uniform per run of ``run_length`` positions."""
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, block, 0x4D1C])))
-        uniforms = rng.random(self.block_size)
+        uniforms = rng.random(self.block_size // self.run_length)
         chosen = np.searchsorted(self._cdf, uniforms * self._cdf[-1], side="right")
-        return np.minimum(chosen, self.num_datasets - 1)
+        return np.repeat(np.minimum(chosen, self.num_datasets - 1), self.run_length)
 
     def _counts_before(self, block: int) -> np.ndarray:
         while len(self._prefix_counts) <= block:

@@ -46,8 +46,9 @@ class SlottedMixtureStream(MixtureStream):
         seed: int = 0,
         block_size: int = 4096,
         shuffle: bool = True,
+        run_length: int = 1,
     ) -> None:
-        super().__init__(sizes, weights, seed=seed, block_size=block_size, shuffle=shuffle)
+        super().__init__(sizes, weights, seed=seed, block_size=block_size, shuffle=shuffle, run_length=run_length)
         if world_size <= 0 or batch_size <= 0 or num_workers < 0:
             raise ValueError(
                 f"invalid world_size {world_size}, batch_size {batch_size}, workers {num_workers}"
@@ -163,12 +164,18 @@ def training_stream(
     world_size: int,
     batch_size: int,
     num_workers: int,
+    one_dataset_per_batch: bool = False,
 ) -> MixtureStream:
-    """The mixture stream for these datasets: plain, or slotted when some are shard streams."""
+    """The mixture stream for these datasets: plain, or slotted when some are shard streams.
+
+    ``one_dataset_per_batch``: every global batch (``batch_size`` x ``world_size`` consecutive positions)
+    draws from one dataset; ``block_size`` is then rounded up to a multiple of that."""
     streamed = [i for i, dataset in enumerate(datasets) if isinstance(dataset, ShardCaptionDataset)]
     sizes = [len(dataset) for dataset in datasets]
+    run_length = batch_size * world_size if one_dataset_per_batch else 1
+    block_size = -(-block_size // run_length) * run_length
     if not streamed:
-        return MixtureStream(sizes, weights, seed=seed, block_size=block_size)
+        return MixtureStream(sizes, weights, seed=seed, block_size=block_size, run_length=run_length)
     stream = SlottedMixtureStream(
         sizes,
         weights,
@@ -178,6 +185,7 @@ def training_stream(
         num_workers=num_workers,
         seed=seed,
         block_size=block_size,
+        run_length=run_length,
     )
     for i in streamed:
         datasets[i].num_slots = stream.num_slots

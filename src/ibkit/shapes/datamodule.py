@@ -168,6 +168,7 @@ class TinyShapesDataModule(InstructionDataModule):
         max_prompt_len: int = 48,
         max_target_len: int = 24,
         mixing: str = "sqrt",
+        one_dataset_per_batch: bool = False,
         train_augment: bool = False,
         eval_splits: dict[str, str] | None = None,
         multipliers: dict[str, float] | None = None,
@@ -200,6 +201,7 @@ class TinyShapesDataModule(InstructionDataModule):
             max_prompt_len=max_prompt_len,
             max_target_len=max_target_len,
             mixing=mixing,
+            one_dataset_per_batch=one_dataset_per_batch,
             multipliers=multipliers,  # per-dataset weight factors, as the paper's (OKVQA x2)
             eval_splits=eval_splits,
             train_augment=train_augment,  # shapes: a random crop would cut shapes off and change the answers
