@@ -12,7 +12,7 @@ import nbclient
 import nbformat
 import pytest
 
-from ibkit.shapes.plotting import check_curves, read_loss_curve
+from ibkit.shapes.plotting import check_curves, read_loss_curve, running_mean
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -187,6 +187,16 @@ def test_read_loss_curve_returns_the_logged_training_losses(tmp_path):
     assert read_loss_curve(csv_file) == expected
     assert read_loss_curve(tmp_path / "run") == expected  # the folder: newest version_N/metrics.csv
     assert read_loss_curve(csv_file, column="val/loss") == [(1, 2.5), (3, 2.0)]
+
+
+def test_running_mean_smooths_alternating_task_losses():
+    losses = [4.0, 0.5, 4.0, 0.5, 4.0, 0.5]  # a caption batch, then a one-word answer batch, ...
+    smooth = running_mean(losses, 2)
+    assert smooth == [4.0, 2.25, 2.25, 2.25, 2.25, 2.25]
+    assert running_mean(losses, 4)[:4] == [4.0, 2.25, 8.5 / 3, 2.25]
+    assert running_mean(losses, 1) == losses
+    with pytest.raises(ValueError, match="window must be positive"):
+        running_mean(losses, 0)
 
 
 def test_read_loss_curve_names_the_file_and_the_problem(tmp_path):

@@ -8,7 +8,9 @@ import math
 
 import pytest
 
+from ibkit.shapes.plotting import running_mean
 from ibkit.shapes.report import (
+    CURVE_WINDOW,
     ablation_figure,
     ablation_markdown,
     check_ablation,
@@ -110,7 +112,14 @@ def test_pipeline_figure_has_a_panel_per_family_plus_held_in_and_curves(tmp_path
     assert "nocaps" in titles and "vsr" in titles
     curves_ax = figure.axes[-1]
     assert curves_ax.get_yscale() == "log"  # 5.0 down to ~0.01: the ranges differ a lot
-    assert [line.get_label() for line in curves_ax.get_lines()] == ["encoder pretraining", "LM instruction pretraining"]
+    lines = curves_ax.get_lines()
+    smoothed = [line for line in lines if not line.get_label().startswith("_")]  # the legend's lines
+    faint = [line for line in lines if line.get_label().startswith("_")]
+    assert [line.get_label() for line in smoothed] == ["encoder pretraining", "LM instruction pretraining"]
+    encoder_losses = [loss for _, loss in CURVES["encoder"]]
+    assert list(faint[0].get_ydata()) == encoder_losses  # every logged step, drawn faint
+    assert list(smoothed[0].get_ydata()) == pytest.approx(running_mean(encoder_losses, CURVE_WINDOW))
+    assert faint[0].get_color() == smoothed[0].get_color() and faint[0].get_alpha() < 0.5
     nocaps = figure.axes[titles.index("nocaps")]
     assert nocaps.get_ylim()[1] > 3.4  # CIDEr on its own scale
     assert figure.axes[titles.index("vsr")].get_ylim()[1] < 1.0

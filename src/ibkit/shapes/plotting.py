@@ -74,3 +74,18 @@ def check_curves(curves: Any) -> None:
                 raise ValueError(
                     f"curves[{stage!r}][{index}] must be a (step, loss) pair of numbers, got {point!r}"
                 )
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value with up to ``window - 1`` values before it: a curve logged from batches of
+    different tasks (a caption's loss beside a one-word answer's) is readable only smoothed."""
+    if window <= 0:
+        raise ValueError(f"window must be positive, got {window}")
+    out, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        out.append(total / min(index + 1, window))
+    return out
+

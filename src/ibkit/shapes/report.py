@@ -27,12 +27,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ibkit.shapes.plotting import Curve, check_curves
+from ibkit.shapes.plotting import Curve, check_curves, running_mean
 from ibkit.shapes.runner import format_minutes
 
 TUNED = "instructblip"  # the model whose "above chance by 2 SE" the held-out table reports
 CIDER_SCALE = 10.0  # CIDEr-D lies in [0, 10] (pycocoevalcap scale): / 10 puts it on 0-1 with the accuracies
 COLORS = ("#7f8fa6", "#e1812c", "#3a923a", "#c03d3e", "#9372b2", "#845b53")
+CURVE_WINDOW = 10  # logged points per running mean of a training curve (10 steps apart in the demo configs)
 
 
 # -------------------------------------------------------------------------------------------- validation
@@ -420,7 +421,8 @@ def _draw_curves(ax: Any, results: Mapping[str, Any], curves: Mapping[str, Curve
     drawn = [(steps.get(key, {}).get("label", key), points) for key, points in curves.items() if points]
     for label, points in drawn:
         xs, ys = zip(*points)
-        ax.plot(xs, ys, label=label, linewidth=1.5)
+        (line,) = ax.plot(xs, running_mean(list(ys), CURVE_WINDOW), label=label, linewidth=1.5)
+        ax.plot(xs, ys, color=line.get_color(), linewidth=0.5, alpha=0.25)
     positive = [y for _, points in drawn for _, y in points if y > 0]
     if positive and max(positive) / min(positive) > 30:
         ax.set_yscale("log")
@@ -428,7 +430,7 @@ def _draw_curves(ax: Any, results: Mapping[str, Any], curves: Mapping[str, Curve
         ax.legend(fontsize=9)
     else:
         ax.text(0.5, 0.5, "no training curves", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("Training curves (each step's own loss)", fontsize=12)
+    ax.set_title(f"Training curves (faint: logged steps; solid: mean of {CURVE_WINDOW})", fontsize=12)
     ax.set_xlabel("training step (per pipeline step)", fontsize=10)
     ax.set_ylabel("training loss", fontsize=10)
     ax.grid(alpha=0.3)
