@@ -162,6 +162,15 @@ def test_steps_are_checked_before_anything_runs():
         demo(output_dir="/nonexistent/never-written", steps={"stage1": 10})
 
 
+def test_the_fp32_policy_shortens_the_mixture_unless_steps_say_otherwise():
+    from ibkit.shapes.demo import FP32_STEPS, precision_steps
+
+    assert precision_steps({}, fast_bf16=True) == {}
+    assert precision_steps({"encoder": 5}, fast_bf16=False) == {"encoder": 5, **FP32_STEPS}
+    assert FP32_STEPS["instruct"] < yaml.safe_load((CONFIGS / "instruct.yaml").read_text())["trainer"]["max_steps"]
+    assert precision_steps({"instruct": 7}, fast_bf16=False) == {"instruct": 7}  # --steps wins
+
+
 @pytest.mark.slow
 def test_the_binding_phase_runs_first_and_the_corpus_step_starts_from_it(tmp_path):
     from ibkit.shapes.demo import Pipeline, run_commands
