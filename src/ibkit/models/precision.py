@@ -302,3 +302,8 @@ def compile_model(
         module.compile(**compile_kwargs)
     return model
 
+
+def training_autocast(policy: PrecisionPolicy | None, device_type: str) -> contextlib.AbstractContextManager:
+    """The training forward's autocast under ``policy``; none without a policy (``fast_paths`` off)."""
+    return policy.autocast(device_type) if policy is not None else contextlib.nullcontext()
+

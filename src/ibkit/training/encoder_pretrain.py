@@ -19,7 +19,6 @@ with ``init_from``) and ``encoder.json`` (what it is); the norm and head stay be
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -32,6 +31,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from ibkit.data.collate import IGNORE_INDEX
+from ibkit.models.precision import training_autocast
 from ibkit.models.state import persistent_keys
 from ibkit.models.vision.base import VisionEncoder
 from ibkit.processor import Processor
@@ -220,7 +220,7 @@ class EncoderPretrainModule(LightningModule):
             log.warning("step %d: empty batch (all samples skipped)", self.global_step)
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
         size = int(pixels.shape[0])
-        with self._policy.autocast(self.device.type) if self._policy is not None else contextlib.nullcontext():
+        with training_autocast(self._policy, self.device.type):
             tokens = self.image_tokens(pixels)
             loss = self.caption_loss(batch, tokens)
             if self.position_head is not None:  # one encoder pass serves both losses

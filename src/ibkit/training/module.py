@@ -25,6 +25,7 @@ from ibkit.data.collate import IGNORE_INDEX, is_empty, model_inputs
 from ibkit.eval.evaluator import Evaluator, predict_records
 from ibkit.models.instructblip import LOSS_REDUCTIONS, InstructBLIP
 from ibkit.models.language import LoraSettings, resolve_dtype
+from ibkit.models.precision import training_autocast
 from ibkit.models.state import persistent_keys
 from ibkit.processor import Processor
 from ibkit.training.checkpoint import (
@@ -276,10 +277,7 @@ class InstructBLIPModule(LightningModule):
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
         inputs = model_inputs(batch)
         batch_size = int(inputs["input_ids"].shape[0])
-        if self._policy is not None:
-            with self._policy.autocast(self.device.type):
-                loss, lm_loss = self._training_loss(inputs, batch_size)
-        else:
+        with training_autocast(self._policy, self.device.type):
             loss, lm_loss = self._training_loss(inputs, batch_size)
         # train/loss is the LM loss alone, comparable between runs with and without auxiliary losses
         self.log("train/loss", lm_loss, on_step=True, prog_bar=True, batch_size=batch_size)

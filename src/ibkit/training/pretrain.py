@@ -33,6 +33,7 @@ from ibkit.models.blip2 import Blip2Stage1, caption_lm_batch, prefix_lm_batch
 from ibkit.models.blip2_losses import max_query_similarity
 from ibkit.models.instructblip import InstructBLIP
 from ibkit.models.language import resolve_dtype
+from ibkit.models.precision import training_autocast
 from ibkit.models.state import persistent_keys
 from ibkit.processor import Processor, load_qformer_tokenizer
 from ibkit.training.checkpoint import (
@@ -235,10 +236,8 @@ class Blip2PretrainModule(LightningModule):
         if not images:
             log.warning("step %d: empty batch (all samples skipped)", self.global_step)
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
-        if self._policy is not None:
-            with self._policy.autocast(self.device.type):
-                return self._training_loss(batch, batch_idx, images)
-        return self._training_loss(batch, batch_idx, images)
+        with training_autocast(self._policy, self.device.type):
+            return self._training_loss(batch, batch_idx, images)
 
     def _training_loss(self, batch: dict[str, Any], batch_idx: int, images: dict[str, torch.Tensor]) -> torch.Tensor:
         size = int(next(iter(images.values())).shape[0])

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from ibkit.models.language import LanguageModel
+from ibkit.models.precision import training_autocast
 from ibkit.models.state import persistent_keys
 from ibkit.training.checkpoint import (
     AtomicCheckpointIO,
@@ -123,10 +124,7 @@ class TextLMModule(LightningModule):
             self._policy.set_llm_mode(self.language_model, training=True)  # a no-op unless validation switched it
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if self._policy is not None:
-            with self._policy.autocast(self.device.type):
-                loss = self._loss(batch)
-        else:
+        with training_autocast(self._policy, self.device.type):
             loss = self._loss(batch)
         size = int(batch["input_ids"].shape[0])
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
