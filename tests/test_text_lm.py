@@ -120,6 +120,39 @@ def test_causal_lm_learns_the_target_only(corpus):
     assert len(module.answer(batch["gen_input_ids"], batch["gen_attention_mask"])) == 3
 
 
+@pytest.mark.parametrize("arch", ["t5", "gpt2"])
+def test_sample_reduction_weighs_each_record_once_whatever_its_target_length(corpus, arch):
+    """loss_reduction="sample": the mean of each record's own loss (the model's loss on that record alone),
+    for a seq2seq and a causal LM; "token" is the model's own batch loss."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(corpus / "tok")
+    everything = read_text_pairs(corpus / "train.jsonl")
+    records = [r for r in everything if " " in r["target"]][:4] + [r for r in everything if " " not in r["target"]][:8]
+    assert len(records) == 12  # descriptions and one-word answers: the two reductions differ
+    config = TINY_T5 if arch == "t5" else {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2,
+                                           "n_positions": 256, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}
+    torch.manual_seed(0)
+    module = _module(config, corpus)
+    module.eval()
+    with torch.no_grad():  # far from uniform predictions, so that tokens' losses differ
+        for parameter in module.parameters():
+            parameter.normal_(0.0, 0.3)
+    collate = TextPairCollator(tokenizer, is_encoder_decoder=arch == "t5", max_prompt_len=128)
+    batch = collate(records)
+    with torch.no_grad():
+        alone = [float(module._loss(collate([record]))) for record in records]
+        per_sample = float(module._loss(batch, "sample"))
+        per_token = float(module._loss(batch))
+        hf = float(module.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         labels=batch["labels"]).loss)
+    assert per_sample == pytest.approx(sum(alone) / len(alone), rel=1e-4)
+    assert per_token == pytest.approx(hf, rel=1e-6)
+    assert abs(per_sample - per_token) > 1e-3
+    with pytest.raises(ValueError, match="loss_reduction"):
+        TextLMModule(LanguageModel(config={**TINY_T5, "vocab_size": 256}, frozen=False), loss_reduction="batch")
+
+
 def test_bad_records_name_the_file_and_the_record(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prompt": "a", "target": "b"}, {"prompt": "c", "id": "x7"}]))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from ibkit.models.instructblip import LOSS_REDUCTIONS, per_sample_cross_entropy
 from ibkit.models.language import LanguageModel
 from ibkit.models.precision import training_autocast
 from ibkit.models.state import persistent_keys
@@ -68,13 +69,20 @@ class TextLMModule(LightningModule):
             ``bf16-mixed``); on CPU a T5 trains with eager attention (its position bias sends SDPA to a slow
             masked kernel) and validates with SDPA. Measured on the 2-core AMD EPYC (AVX512-BF16), one thread,
             the demo's T5 step: 0.24 s -> 0.15 s. Where bf16 is slow only the kernels change.
+        loss_reduction: ``"token"`` (transformers' loss): the mean over every target token of the batch, so a
+            36-token description outweighs 36 one-word answers; ``"sample"``: each sample's mean first, then
+            the samples, as :class:`ibkit.training.module.InstructBLIPModule` can.
     """
 
     def __init__(self, language_model: LanguageModel, tokenizer: str | None = None,
-                 optim: OptimSettings | None = None, max_new_tokens: int = 32, fast_paths: bool = False) -> None:
+                 optim: OptimSettings | None = None, max_new_tokens: int = 32, fast_paths: bool = False,
+                 loss_reduction: str = "token") -> None:
         super().__init__()
         if not any(p.requires_grad for p in language_model.parameters()):
             raise ValueError("TextLMModule trains the language model: build it with frozen: false (or LoRA)")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction: {loss_reduction!r}; choose one of {list(LOSS_REDUCTIONS)}")
+        self.loss_reduction = loss_reduction
         self.language_model = language_model
         self.tokenizer_path = tokenizer
         self.optim = optim or TEXT_LM_OPTIM
@@ -115,9 +123,14 @@ class TextLMModule(LightningModule):
                      self._policy.llm_attention)
 
     # ----------------------------------------------------------------------------------- training
-    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   labels=batch["labels"]).loss
+    def _loss(self, batch: dict[str, Any], reduction: str = "token") -> torch.Tensor:
+        labels = batch["labels"]
+        out = self.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        if reduction == "token":
+            return out.loss
+        if self.language_model.is_encoder_decoder:
+            return per_sample_cross_entropy(out.logits, labels)
+        return per_sample_cross_entropy(out.logits[:, :-1], labels[:, 1:])  # a causal LM predicts the next token
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._policy is not None:
@@ -125,7 +138,7 @@ class TextLMModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         with training_autocast(self._policy, self.device.type):
-            loss = self._loss(batch)
+            loss = self._loss(batch, self.loss_reduction)
         size = int(batch["input_ids"].shape[0])
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
         if self.trainer.optimizers:
