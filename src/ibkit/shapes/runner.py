@@ -65,48 +65,55 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run_side_by_side(jobs: dict[str, Commands], logs: dict[str, Path]) -> dict[str, float]:
-    """Run independent jobs (each a list of ibkit commands) at the same time, each in its own process with an
-    equal share of the CPU cores as torch threads; returns each job's wall seconds.
+Lane = Mapping[str, Commands]  # named steps, run one after the other in one process's lane
+
+
+def run_side_by_side(jobs: Mapping[str, Commands | Lane], logs: Mapping[str, Path]) -> dict[str, float]:
+    """Run independent jobs at the same time, each in its own process with an equal share of the CPU cores as
+    torch threads. A job is a list of ibkit commands (one step, named by the job) or a lane: named steps, each
+    a list of commands, run one after the other (a step that needs an earlier step of its lane, beside a job it
+    does not need). Returns each step's wall seconds.
 
     Why: the demo's small models use two cores poorly (on the 2-core AMD EPYC the encoder step ran 1.25x and
     the T5 step 1.4x slower on one core than on two), so two independent steps side by side, one core each,
     finish sooner than one after the other. The thread count is fixed per job, so a seed still fixes every
     result. The first job prints here; every other job writes to its file in ``logs`` (named on failure).
-    Every job runs to its end even when another fails, so that no finished step is lost.
+    Every job runs to its end even when another fails, so that no finished step is lost (a lane stops at its
+    failed step: the next one would need it).
     """
-    threads = max(1, cores() // len(jobs))
+    lanes = {name: dict(job) if isinstance(job, Mapping) else {name: job} for name, job in jobs.items()}
+    threads = max(1, cores() // len(lanes))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     seconds: dict[str, float] = {}
     failed: dict[str, str] = {}
 
-    def job(name: str, commands: Commands, log: Path | None) -> None:
-        started = time.perf_counter()
+    def job(name: str, lane: dict[str, Commands], log: Path | None) -> None:
         try:
             if log is not None:
                 log.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.ExitStack() as stack:
                 sink = stack.enter_context(open(log, "w")) if log is not None else None
-                for args in commands:
-                    print("\n" + _command_line(args), flush=True, file=sink or sys.stdout)
-                    if sink is not None:
-                        sink.flush()
-                    code = subprocess.call([sys.executable, "-m", "ibkit", *args], env=env, stdout=sink,
-                                           stderr=subprocess.STDOUT if sink is not None else None)
-                    if code:
-                        failed[name] = f"ibkit {args[0]} of {name} failed with exit code {code}" + (
-                            f" (its output: {log})" if log is not None else "")
-                        return
+                for step, commands in lane.items():
+                    started = time.perf_counter()
+                    for args in commands:
+                        print("\n" + _command_line(args), flush=True, file=sink or sys.stdout)
+                        if sink is not None:
+                            sink.flush()
+                        code = subprocess.call([sys.executable, "-m", "ibkit", *args], env=env, stdout=sink,
+                                               stderr=subprocess.STDOUT if sink is not None else None)
+                        if code:
+                            failed[name] = f"ibkit {args[0]} of {step} failed with exit code {code}" + (
+                                f" (its output: {log})" if log is not None else "")
+                            return
+                    seconds[step] = round(time.perf_counter() - started, 1)
         except OSError as error:
             failed[name] = f"{name} could not run: {error}"
-            return
-        seconds[name] = round(time.perf_counter() - started, 1)
 
-    names = list(jobs)
+    names = list(lanes)
     for name in names[1:]:
         print(f"[demo] {name}: running beside {names[0]} ({threads} thread(s) each); its output goes to {logs[name]}",
               flush=True)
-    workers = [threading.Thread(target=job, args=(name, jobs[name], logs.get(name) if i else None))
+    workers = [threading.Thread(target=job, args=(name, lanes[name], logs.get(name) if i else None))
                for i, name in enumerate(names)]
     for worker in workers:
         worker.start()
