@@ -146,6 +146,36 @@ def test_side_by_side_jobs_run_to_their_end_and_a_failure_names_its_log(tmp_path
     assert "unknown command 'no-such-command'" in written and "$ ibkit --version" not in written  # stopped there
 
 
+def test_a_lane_runs_its_steps_in_order_beside_another_job_and_stops_at_its_failed_step(tmp_path):
+    from ibkit.shapes.demo import run_side_by_side
+
+    logs = {"lane": tmp_path / "lane.txt"}
+    seconds = run_side_by_side({"first": [["--version"]], "lane": {"a": [["--version"]], "b": [["--version"]] * 2}},
+                               logs)
+    assert set(seconds) == {"first", "a", "b"} and all(value > 0 for value in seconds.values())
+    assert logs["lane"].read_text().count("$ ibkit --version") == 3
+    with pytest.raises(SystemExit, match="of a failed") as failure:
+        run_side_by_side({"first": [["--version"]], "lane": {"a": [["no-such-command"]], "b": [["--version"]]}}, logs)
+    assert str(logs["lane"]) in str(failure.value)
+    assert "$ ibkit --version" not in logs["lane"].read_text()  # step b needs step a: never started
+
+
+def test_each_encoder_has_its_own_feature_cache_and_its_arms_share_it(tmp_path):
+    """Two encoders' stage-1 runs side by side (the ablation) must not share a cache folder: opening it with
+    another encoder deletes the first one's features under the running process."""
+    from ibkit.shapes.demo import SWAP, Pipeline
+
+    base, swapped = Pipeline(tmp_path, tmp_path), Pipeline(tmp_path, tmp_path / "swapped_encoder", **SWAP)
+    arm = Pipeline(tmp_path, tmp_path / "default_seed0", pretrained_runs=base.runs)
+    swapped_arm = Pipeline(tmp_path, swapped.runs / "swapped_encoder_seed0", pretrained_runs=swapped.runs, **SWAP)
+
+    def cache(commands: list[list[str]]) -> set[str]:
+        return {arg.split("=", 1)[1] for command in commands for arg in command if "cache_dir=" in arg}
+
+    assert cache(base.blip2_stage1()) == cache(base.instruct()) == cache(arm.instruct_side()) == {str(tmp_path / "cache")}
+    assert cache(swapped.blip2_stage1()) == cache(swapped_arm.instruct()) == {str(tmp_path / "swapped_encoder" / "cache")}
+
+
 def test_steps_are_checked_before_anything_runs():
     from ibkit.shapes.demo import TRAINED_STEPS, check_steps, demo
 
@@ -162,13 +192,14 @@ def test_steps_are_checked_before_anything_runs():
         demo(output_dir="/nonexistent/never-written", steps={"stage1": 10})
 
 
-def test_the_fp32_policy_shortens_the_mixture_unless_steps_say_otherwise():
+def test_the_fp32_policy_shortens_the_t5_and_the_mixture_unless_steps_say_otherwise():
     from ibkit.shapes.demo import FP32_STEPS, precision_steps
 
     assert precision_steps({}, fast_bf16=True) == {}
     assert precision_steps({"encoder": 5}, fast_bf16=False) == {"encoder": 5, **FP32_STEPS}
-    assert FP32_STEPS["instruct"] < yaml.safe_load((CONFIGS / "instruct.yaml").read_text())["trainer"]["max_steps"]
-    assert precision_steps({"instruct": 7}, fast_bf16=False) == {"instruct": 7}  # --steps wins
+    for step, config in (("instruct", "instruct"), ("lm", "lm")):  # fewer steps, never more
+        assert FP32_STEPS[step] < yaml.safe_load((CONFIGS / f"{config}.yaml").read_text())["trainer"]["max_steps"]
+    assert precision_steps({"instruct": 7}, fast_bf16=False) == {**FP32_STEPS, "instruct": 7}  # --steps wins
 
 
 @pytest.mark.slow

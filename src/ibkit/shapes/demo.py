@@ -16,8 +16,9 @@ module (package data), printed as it runs:
 6. ``evaluate``: the BLIP-2 stage-2 model and the instruction-tuned model, zero-shot on the held-out
    families and on held-in VQA, with the same prompts, with standard errors; ``probe``: the T5 from text.
 
-Steps 1 and 2 do not depend on each other and run side by side, as do the two evaluations of step 6
-(:func:`run_side_by_side`: one process each, an equal share of the cores).
+Step 2 depends on neither step 1 nor step 3: it runs beside them (step 1, then step 3, in one lane), as the two
+evaluations of step 6 run side by side (:func:`run_side_by_side`: one process each, an equal share of the
+cores).
 """
 
 from __future__ import annotations
@@ -147,10 +148,16 @@ class Pipeline:
                           swappable=False)]
 
     @property
+    def cache_dir(self) -> Path:
+        """The frozen-feature cache of this pipeline's encoder (the last callback of the stage configs), shared
+        by the arms trained on it. One folder per encoder: a cache folder keeps one encoder's features per
+        dataset and opening it with another encoder deletes them (:class:`ibkit.data.feature_store.FeatureStore`),
+        which the ablation's two stage-1 runs, side by side, would otherwise do to each other."""
+        return (self.pretrained_runs or self.runs) / "cache"
+
+    @property
     def _cache(self) -> str:
-        """The frozen-feature cache beside the data (the last callback of the stage configs); keyed by the
-        encoder's weights, so both encoder arms share the folder without sharing entries."""
-        return f"--trainer.callbacks.init_args.cache_dir={self.out / 'cache'}"
+        return f"--trainer.callbacks.init_args.cache_dir={self.cache_dir}"
 
     def blip2_stage1(self) -> Commands:
         return self.fit("blip2_stage1", "blip2_stage1", [*self._tokenizers(llm=False), *self._init_from([self.encoder_weights]),
@@ -246,20 +253,21 @@ def _curves(pipeline: Pipeline) -> dict[str, list[tuple[int, float]]]:
 
 STEP_LABELS = {"data": "rendering the data, tokenizers",
                "encoder": "encoder pretraining (vision words; beside the T5)",
-               "lm": "T5 on the text instruction corpus (beside the encoder)",
-               "blip2_stage1": "BLIP-2 stage 1 (ITC + ITM + ITG)", "blip2_stage2": "BLIP-2 stage 2 (prefix LM)",
+               "lm": "T5 on the text instruction corpus (beside the encoder and stage 1)",
+               "blip2_stage1": "BLIP-2 stage 1 (ITC + ITM + ITG; beside the T5)", "blip2_stage2": "BLIP-2 stage 2 (prefix LM)",
                "instruct_side": "side warm-up (side questions only)", "instruct": "instruction tuning",
                "evaluate": "evaluation (both models, side by side)",
                "probe": "the T5 alone, held-in questions from the scenes' descriptions"}
-LM_BINDING_LABEL = "T5: binding phase, then the text instruction corpus (beside the encoder)"
+LM_BINDING_LABEL = "T5: binding phase, then the text instruction corpus (beside the encoder and stage 1)"
 INSTRUCTION_TUNING = ("instruct_side", "instruct")  # the steps an ablation arm runs itself
 LM_STEPS = ("lm_binding", "lm")  # trained once per output directory, shared by every arm and seed
 TRAINED_STEPS = ("encoder", *LM_STEPS, "blip2_stage1", "blip2_stage2", *INSTRUCTION_TUNING)  # what --steps sets
 
 
-# Where bf16 is slow (the fp32 policy), the encoder, T5 and stage 1 take about 50 s longer: the mixture gives up
-# 500 steps so that the demo keeps its 10 minutes (2-core AMD EPYC, IBKIT_CPU_BF16=0: 10 min 25 s with 2,000).
-FP32_STEPS: dict[str, int | None] = {"instruct": 1500}
+# Where bf16 is slow (the fp32 policy), the encoder, T5 and stage 1 take about a minute longer: the T5 and the
+# mixture give up steps so that the demo keeps its 10 minutes (2-core AMD EPYC, IBKIT_CPU_BF16=0: 10 min 25 s
+# with the bf16 steps before the T5 had 1,050; README, the demo).
+FP32_STEPS: dict[str, int | None] = {"lm": 900, "instruct": 950}
 
 
 def precision_steps(steps: dict[str, int | None], fast_bf16: bool) -> dict[str, int | None]:
@@ -298,12 +306,13 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     print("[demo] rendering the shapes data and writing the tokenizers", flush=True)
     pipeline.prepare_data()
     clock.done("data")
-    # the encoder and the T5 do not depend on each other: side by side, an equal share of the cores each
-    pretrained = run_side_by_side({"encoder": pipeline.encoder(), "lm": pipeline.language_model()},
-                                  {"lm": pipeline.lm.parent / "log.txt"})
-    clock.done("encoder", f"{labels['encoder']} | {labels['lm']}")
-    clock.seconds.update(pretrained)  # they ran at the same time: each step gets its own job's wall time
-    for name, commands in (("blip2_stage1", pipeline.blip2_stage1()), ("blip2_stage2", pipeline.blip2_stage2()),
+    # the T5 needs neither the encoder nor stage 1 (stage 2 needs all three): one lane beside the other, an
+    # equal share of the cores each
+    pretrained = run_side_by_side({"encoder": {"encoder": pipeline.encoder(), "blip2_stage1": pipeline.blip2_stage1()},
+                                   "lm": pipeline.language_model()}, {"lm": pipeline.lm.parent / "log.txt"})
+    clock.done("encoder", f"{labels['encoder']}, then {labels['blip2_stage1']} | {labels['lm']}")
+    clock.seconds.update(pretrained)  # they ran at the same time: each step gets its own wall time
+    for name, commands in (("blip2_stage2", pipeline.blip2_stage2()),
                            ("instruct_side", pipeline.instruct_side()), ("instruct", pipeline.instruct(export=True))):
         run_commands(commands)
         clock.done(name)
@@ -371,16 +380,21 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
     swapped = Pipeline(out, out / "swapped_encoder", sizes=sizes, steps=dict(steps or {}),
                        max_eval_samples=max_eval_samples, **SWAP)
     base.prepare_data()
-    pretraining = {name: commands for name, commands, done in (
-        ("encoder", base.encoder(), base.encoder_weights.exists()),
-        ("lm", base.language_model(), (base.lm / "config.json").exists()),
-        ("swapped encoder", swapped.encoder(), swapped.encoder_weights.exists())) if not done}
+    def encoder_lane(pipeline: Pipeline) -> dict[str, Commands]:  # what is left of encoder, then stage 1
+        return {step: commands for step, commands, done in (
+            ("encoder", pipeline.encoder(), pipeline.encoder_weights.exists()),
+            ("blip2_stage1", pipeline.blip2_stage1(), pipeline.ckpt("blip2_stage1").exists())) if not done}
+
+    pretraining: dict[str, Commands | dict[str, Commands]] = {"encoder": encoder_lane(base),
+                                                              "swapped encoder": encoder_lane(swapped)}
+    if not (base.lm / "config.json").exists():
+        pretraining["lm"] = base.language_model()
+    pretraining = {name: lane for name, lane in pretraining.items() if lane}
     if pretraining:  # independent of each other: side by side
         run_side_by_side(pretraining, {name: out / f"{name.replace(' ', '_')}.log.txt" for name in pretraining})
     for pipeline in (base, swapped):
-        for step in ("blip2_stage1", "blip2_stage2"):
-            if not pipeline.ckpt(step).exists():
-                run_commands(getattr(pipeline, step)())
+        if not pipeline.ckpt("blip2_stage2").exists():
+            run_commands(pipeline.blip2_stage2())
     arms: dict[str, dict] = {}
     for arm, (label, extra) in ABLATIONS.items():
         per_seed = []
