@@ -154,7 +154,7 @@ def test_a_lane_runs_its_steps_in_order_beside_another_job_and_stops_at_its_fail
                                logs)
     assert set(seconds) == {"first", "a", "b"} and all(value > 0 for value in seconds.values())
     assert logs["lane"].read_text().count("$ ibkit --version") == 3
-    with pytest.raises(SystemExit, match="of a failed") as failure:
+    with pytest.raises(SystemExit, match="of a in lane failed") as failure:
         run_side_by_side({"first": [["--version"]], "lane": {"a": [["no-such-command"]], "b": [["--version"]]}}, logs)
     assert str(logs["lane"]) in str(failure.value)
     assert "$ ibkit --version" not in logs["lane"].read_text()  # step b needs step a: never started

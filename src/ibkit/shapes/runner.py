@@ -102,7 +102,8 @@ def run_side_by_side(jobs: Mapping[str, Commands | Lane], logs: Mapping[str, Pat
                         code = subprocess.call([sys.executable, "-m", "ibkit", *args], env=env, stdout=sink,
                                                stderr=subprocess.STDOUT if sink is not None else None)
                         if code:
-                            failed[name] = f"ibkit {args[0]} of {step} failed with exit code {code}" + (
+                            where = step if step == name else f"{step} in {name}"  # lanes may share step names
+                            failed[name] = f"ibkit {args[0]} of {where} failed with exit code {code}" + (
                                 f" (its output: {log})" if log is not None else "")
                             return
                     seconds[step] = round(time.perf_counter() - started, 1)
