@@ -305,3 +305,42 @@ def test_cache_features_command_builds_every_dataset_of_a_config(tmp_path, capsy
     assert capsys.readouterr().out.strip().endswith("0 item(s) encoded")
     assert main([*args, "--data.train_augment", "true"]) == 2  # random crops: refused, with the reason
     assert "train_augment" in capsys.readouterr().out
+
+
+def _store(root: Path, letter: str):
+    from ibkit.data.feature_store import FeatureStore
+
+    return FeatureStore(root, "toy", {"fingerprint": letter * 40, "dtype": "bfloat16"})
+
+
+def test_a_cache_that_another_run_reads_is_kept_and_removed_once_it_is_done(tmp_path):
+    """Two runs with different encoders on one cache_dir at once (the ablation's two stage-1 runs once did):
+    opening the second must not delete the first one's features under it; a finished or killed run's are removed."""
+    import gc
+    import subprocess
+    import sys
+
+    first = _store(tmp_path, "a")
+    with first.writer("w") as writer:
+        writer.add("k", torch.ones(1, 2, 3))
+    second = _store(tmp_path, "b")  # same process, first still open
+    assert _cache_dirs(tmp_path) == ["a" * 20, "b" * 20]
+    assert first.get("k").float().sum().item() == 6.0
+
+    other_run = subprocess.Popen(  # another process holds a third encoder's cache open
+        [sys.executable, "-c", "import sys; from pathlib import Path; from ibkit.data.feature_store import FeatureStore; "
+         f"s = FeatureStore(Path({str(tmp_path)!r}), 'toy', {{'fingerprint': 'c' * 40, 'dtype': 'bfloat16'}}); "
+         "print('open', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other_run.stdout.readline().strip() == "open"
+        del first, second, writer  # this process is done with a and b
+        gc.collect()
+        _store(tmp_path, "d")
+        assert _cache_dirs(tmp_path) == ["c" * 20, "d" * 20]  # c is read by the live process
+    finally:
+        other_run.kill()  # no clean exit: its lease stays behind, naming a dead process
+        other_run.wait()
+    assert any(p.name.startswith(".in-use-") for p in (tmp_path / "toy" / ("c" * 20)).iterdir())
+    _store(tmp_path, "e")
+    assert _cache_dirs(tmp_path) == ["e" * 20]

@@ -12,11 +12,14 @@ What a key and a fingerprint are, and how a cache is built and used: :mod:`ibkit
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import shutil
+import socket
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -43,8 +46,11 @@ class FeatureStore:
     """Cached features of one dataset for one fingerprint: key -> tensor (frames, N, D).
 
     Opening a store whose folder holds another fingerprint (or caches of older fingerprints) deletes
-    them: a mismatch always means rebuild. Reads are memory-mapped and safe in DataLoader workers
-    (file handles are opened lazily per process).
+    them (a mismatch always means rebuild), except a fingerprint that a live store still reads: each open
+    store leaves a lease file (host and pid) in its folder until it is garbage-collected or its process
+    exits, so two runs with different encoders on one ``cache_dir`` at the same time keep each other's
+    features (a lease of a dead process on this host does not count; one from another host always does).
+    Reads are memory-mapped and safe in DataLoader workers (file handles are opened lazily per process).
     """
 
     def __init__(self, root: str | Path, dataset: str, identity: dict[str, Any]) -> None:
@@ -60,11 +66,19 @@ class FeatureStore:
         self.reload()
 
     def _prepare(self) -> None:
-        if self.dataset_dir.is_dir():
-            for other in self.dataset_dir.iterdir():
-                if other.is_dir() and other.name != self.directory.name:
-                    log.warning("%s: removing a feature cache made by another encoder/transform (%s)", self.dataset, other)
-                    shutil.rmtree(other, ignore_errors=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lease = _take_lease(self.directory)  # before looking at the others: they see ours as early as possible
+        weakref.finalize(self, _release_lease, self._lease)
+        for other in self.dataset_dir.iterdir():
+            if not other.is_dir() or other.name == self.directory.name:
+                continue
+            holders = _live_leases(other)
+            if holders:
+                log.warning("%s: keeping the feature cache %s of another encoder/transform: %s still read(s) it; "
+                            "it is removed by the first open after they finish", self.dataset, other, ", ".join(holders))
+                continue
+            log.warning("%s: removing a feature cache made by another encoder/transform (%s)", self.dataset, other)
+            shutil.rmtree(other, ignore_errors=True)
         meta_file = self.directory / "meta.json"
         if meta_file.exists():
             try:
@@ -73,8 +87,11 @@ class FeatureStore:
                 meta = {}
             if meta.get("fingerprint") != self.fingerprint:
                 log.warning("%s: feature cache %s has another fingerprint; rebuilding it", self.dataset, self.directory)
-                shutil.rmtree(self.directory, ignore_errors=True)
-        self.directory.mkdir(parents=True, exist_ok=True)
+                for stale in self.directory.iterdir():
+                    if stale.is_dir():
+                        shutil.rmtree(stale, ignore_errors=True)
+                    elif stale != self._lease:
+                        stale.unlink(missing_ok=True)
         if not meta_file.exists():
             _atomic_write(meta_file, json.dumps({**self.identity, "dataset": self.dataset}, indent=1, default=str))
 
@@ -122,7 +139,7 @@ class FeatureStore:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_handles"] = {}  # file handles do not cross into DataLoader worker processes
-        return state
+        return state  # a worker's copy holds no lease of its own: the opener's covers it
 
 
 class FeatureWriter:
@@ -181,6 +198,45 @@ class FeatureWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- leases: which stores are open where ----------------------------------------------------------------
+LEASE_PREFIX = ".in-use-"
+_LEASE_NUMBERS = itertools.count()  # one process may open a store several times: one lease each
+
+
+def _take_lease(directory: Path) -> Path:
+    lease = directory / f"{LEASE_PREFIX}{_safe_name(socket.gethostname())}-{os.getpid()}-{next(_LEASE_NUMBERS)}"
+    lease.touch()
+    return lease
+
+
+def _release_lease(lease: Path) -> None:
+    lease.unlink(missing_ok=True)
+
+
+def _live_leases(directory: Path) -> list[str]:
+    """'host pid N' of each lease in ``directory`` whose holder may still run; removes those of dead processes."""
+    host = _safe_name(socket.gethostname())
+    holders = []
+    for lease in directory.glob(f"{LEASE_PREFIX}*"):
+        lease_host, _, rest = lease.name[len(LEASE_PREFIX):].rpartition("-")[0].rpartition("-")
+        pid = int(rest) if rest.isdigit() else -1
+        if lease_host == host and pid > 0 and not _process_alive(pid):
+            lease.unlink(missing_ok=True)
+            continue
+        holders.append(f"{lease_host} pid {pid}")
+    return holders
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _safe_name(name: str) -> str:
