@@ -125,6 +125,14 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
         assert (runs / f"{arm}_seed0" / "eval" / "instructblip" / "results.json").is_file(), arm
         assert (runs / f"{arm}_seed0" / "instruct_side" / "checkpoints" / "last.ckpt").is_file(), arm
     assert (tmp_path / "ablation.png").stat().st_size > 0
+    from ibkit.shapes.tasks import VQA_TRAIN_QUESTIONS
+
+    for arm, info in ablation["arms"].items():  # held-in VQA per question type beside the overall accuracy
+        cells = info["per_seed"][0]
+        kinds = {name.split(" ", 1)[1]: cell["value"] for name, cell in cells.items() if name.startswith("shapes_vqa ")}
+        assert kinds and set(kinds) <= set(VQA_TRAIN_QUESTIONS), arm
+        assert min(kinds.values()) <= cells["shapes_vqa"]["value"] <= max(kinds.values()), arm
+    assert f"| shapes_vqa {min(kinds)} (held-in) | vqa_accuracy |" in (tmp_path / "ablation.md").read_text()
     stamp = (tmp_path / "default_seed0" / "eval" / "instructblip" / "results.json").stat().st_mtime_ns
     again = run_ablation(tmp_path, seeds=(0,), steps=steps, max_eval_samples=4, sizes=sizes)  # resumes: nothing reruns
     assert (tmp_path / "default_seed0" / "eval" / "instructblip" / "results.json").stat().st_mtime_ns == stamp

@@ -411,8 +411,9 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
                 run_commands(pipeline.evaluate("instructblip", [a for a in extra if "instruction_aware" in a]))
             heldout, heldin = scored_results(done.parent, out)
             per_seed.append({**{d: {"metric": v["metric"], "value": v["value"]} for d, v in heldout.items()},
-                             HELD_IN_VQA: {"metric": "vqa_accuracy",
-                                           "value": _overall(heldin)}})
+                             HELD_IN_VQA: {"metric": "vqa_accuracy", "value": _overall(heldin)},
+                             **{f"{HELD_IN_VQA} {kind}": {"metric": "vqa_accuracy", "value": cell["value"]}
+                                for kind, cell in sorted(heldin.items())}})
         arms[arm] = {"label": label, "per_seed": per_seed}
     ablation = {"seeds": list(seeds), "arms": arms, "chance": {name: chance_level(name) for name in HELD_OUT},
                 "seconds": round(time.perf_counter() - started, 1), "machine": machine_description()}

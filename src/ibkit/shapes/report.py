@@ -15,6 +15,10 @@
     {"seeds": [0, 1, 2], "arms": {arm: {"label": str, "per_seed": [{dataset: {"metric", "value"}}]}},
      "chance": {dataset: value}}
 
+(the demo's ablation adds a held-in cell per VQA question type, e.g. ``"shapes_vqa color"``, beside the
+overall ``"shapes_vqa"``: a task name without a chance level is held in, so it is a row and a panel but
+never part of the mean held-out score.)
+
 Standard errors come from :mod:`ibkit.eval.uncertainty`. Figures are drawn on a bare ``Figure`` with
 the Agg canvas (never ``pyplot``), as :mod:`ibkit.shapes.plotting` draws them.
 """
