@@ -344,3 +344,22 @@ def test_a_cache_that_another_run_reads_is_kept_and_removed_once_it_is_done(tmp_
     assert any(p.name.startswith(".in-use-") for p in (tmp_path / "toy" / ("c" * 20)).iterdir())
     _store(tmp_path, "e")
     assert _cache_dirs(tmp_path) == ["e" * 20]
+
+
+def test_a_read_only_cache_opens_without_a_lease(tmp_path, monkeypatch, caplog):
+    """A shared, prebuilt cache in a folder this user cannot write: reading it must not need the lease file."""
+    with _store(tmp_path, "a").writer("w") as writer:
+        writer.add("k", torch.full((1, 2, 3), 2.0))
+    del writer
+    touch = Path.touch
+
+    def read_only(path: Path, *args, **kwargs) -> None:
+        if path.name.startswith(".in-use-"):
+            raise PermissionError(13, "Permission denied", str(path))
+        touch(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "touch", read_only)
+    store = _store(tmp_path, "a")
+    assert store.get("k").float().sum().item() == 12.0
+    assert "cannot leave a lease file" in caplog.text
+    assert not any(p.name.startswith(".in-use-") for p in store.directory.iterdir())

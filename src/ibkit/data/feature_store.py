@@ -12,6 +12,7 @@ What a key and a fingerprint are, and how a cache is built and used: :mod:`ibkit
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -68,7 +69,8 @@ class FeatureStore:
     def _prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lease = _take_lease(self.directory)  # before looking at the others: they see ours as early as possible
-        weakref.finalize(self, _release_lease, self._lease)
+        if self._lease is not None:
+            weakref.finalize(self, _release_lease, self._lease)
         for other in self.dataset_dir.iterdir():
             if not other.is_dir() or other.name == self.directory.name:
                 continue
@@ -205,9 +207,16 @@ LEASE_PREFIX = ".in-use-"
 _LEASE_NUMBERS = itertools.count()  # one process may open a store several times: one lease each
 
 
-def _take_lease(directory: Path) -> Path:
+def _take_lease(directory: Path) -> Path | None:
+    """The lease file of a newly opened store; None where the folder is read-only (a shared, prebuilt cache:
+    reading it needs no lease, and whoever may delete it is not stopped by one)."""
     lease = directory / f"{LEASE_PREFIX}{_safe_name(socket.gethostname())}-{os.getpid()}-{next(_LEASE_NUMBERS)}"
-    lease.touch()
+    try:
+        lease.touch()
+    except OSError as error:
+        log.warning("%s: cannot leave a lease file (%s); other encoders' runs may delete this cache while it is read",
+                    directory, error)
+        return None
     return lease
 
 
@@ -223,7 +232,8 @@ def _live_leases(directory: Path) -> list[str]:
         lease_host, _, rest = lease.name[len(LEASE_PREFIX):].rpartition("-")[0].rpartition("-")
         pid = int(rest) if rest.isdigit() else -1
         if lease_host == host and pid > 0 and not _process_alive(pid):
-            lease.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder: the dead lease stays, and still does not count
+                lease.unlink(missing_ok=True)
             continue
         holders.append(f"{lease_host} pid {pid}")
     return holders
