@@ -363,3 +363,30 @@ def test_a_read_only_cache_opens_without_a_lease(tmp_path, monkeypatch, caplog):
     assert store.get("k").float().sum().item() == 12.0
     assert "cannot leave a lease file" in caplog.text
     assert not any(p.name.startswith(".in-use-") for p in store.directory.iterdir())
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the open lock is POSIX flock")
+def test_opening_waits_for_another_opener_of_the_same_dataset_folder(tmp_path):
+    """Checking the other folders' leases and deleting them is one step under the dataset folder's lock, so a
+    run that is between creating its folder and writing its lease is never deleted."""
+    import subprocess
+    import sys
+    import threading
+
+    (tmp_path / "toy").mkdir()
+    opener = subprocess.Popen(  # another process in the middle of opening a store of this dataset
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); sys.stdin.read()", str(tmp_path / "toy" / ".lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    opened = []
+    try:
+        assert opener.stdout.readline().strip() == "locked"
+        thread = threading.Thread(target=lambda: opened.append(_store(tmp_path, "a")))
+        thread.start()
+        thread.join(timeout=2)
+        assert thread.is_alive() and not opened  # waits for the other opener
+    finally:
+        opener.stdin.close()
+        opener.wait()
+    thread.join(timeout=60)
+    assert opened and _cache_dirs(tmp_path) == ["a" * 20]

@@ -21,7 +21,7 @@ import shutil
 import socket
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ class FeatureStore:
     store leaves a lease file (host and pid) in its folder until it is garbage-collected or its process
     exits, so two runs with different encoders on one ``cache_dir`` at the same time keep each other's
     features (a lease of a dead process on this host does not count; one from another host always does).
+    Opening is serialised per dataset folder (``flock`` on its ``.lock``), so no opener deletes a folder
+    whose lease is about to be written.
     Reads are memory-mapped and safe in DataLoader workers (file handles are opened lazily per process).
     """
 
@@ -67,8 +69,13 @@ class FeatureStore:
         self.reload()
 
     def _prepare(self) -> None:
+        self.dataset_dir.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(self.dataset_dir):  # one opener at a time: nobody deletes a folder whose lease is on its way
+            self._open_folder()
+
+    def _open_folder(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._lease = _take_lease(self.directory)  # before looking at the others: they see ours as early as possible
+        self._lease = _take_lease(self.directory)
         if self._lease is not None:
             weakref.finalize(self, _release_lease, self._lease)
         for other in self.dataset_dir.iterdir():
@@ -205,6 +212,28 @@ class FeatureWriter:
 # -- leases: which stores are open where ----------------------------------------------------------------
 LEASE_PREFIX = ".in-use-"
 _LEASE_NUMBERS = itertools.count()  # one process may open a store several times: one lease each
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder/.lock`` (POSIX ``flock``) for opening a store; none where the folder is
+    read-only or the platform has no ``fcntl``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, only the leases
+        yield
+        return
+    try:
+        handle = open(folder / ".lock", "a")  # noqa: SIM115 (held across the yield)
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _take_lease(directory: Path) -> Path | None:
