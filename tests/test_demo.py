@@ -137,6 +137,10 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
     again = run_ablation(tmp_path, seeds=(0,), steps=steps, max_eval_samples=4, sizes=sizes)  # resumes: nothing reruns
     assert (tmp_path / "default_seed0" / "eval" / "instructblip" / "results.json").stat().st_mtime_ns == stamp
     assert again["arms"] == ablation["arms"]
+    # its time is the whole ablation's, not the resuming invocation's few seconds
+    assert again["seconds"] >= ablation["seconds"] > again["seconds_this_invocation"]
+    units = json.loads((tmp_path / "ablation_seconds.json").read_text())
+    assert {f"{arm} seed 0" for arm in ABLATIONS} <= set(units) and again["seconds"] == pytest.approx(sum(units.values()), abs=0.1)
 
 
 def test_side_by_side_jobs_run_to_their_end_and_a_failure_names_its_log(tmp_path):
@@ -182,6 +186,27 @@ def test_each_encoder_has_its_own_feature_cache_and_its_arms_share_it(tmp_path):
 
     assert cache(base.blip2_stage1()) == cache(base.instruct()) == cache(arm.instruct_side()) == {str(tmp_path / "cache")}
     assert cache(swapped.blip2_stage1()) == cache(swapped_arm.instruct()) == {str(tmp_path / "swapped_encoder" / "cache")}
+
+
+def test_the_work_ledger_adds_each_finished_unit_over_invocations(tmp_path, caplog):
+    from ibkit.shapes.demo import WorkLedger
+
+    path = tmp_path / "seconds.json"
+    first = WorkLedger(path)
+    with first.timing("a"):
+        pass
+    with pytest.raises(RuntimeError), first.timing("b"):  # interrupted: adds nothing, the file keeps "a"
+        raise RuntimeError("killed")
+    assert set(json.loads(path.read_text())) == {"a"}
+    path.write_text(json.dumps({"a": 60.0, "b": 30.0}))  # as a long earlier invocation left it
+    resumed = WorkLedger(path)
+    with resumed.timing("b"):
+        pass
+    assert resumed.seconds["a"] == 60.0 and 30.0 <= resumed.seconds["b"] < 31.0
+    assert resumed.total == pytest.approx(sum(json.loads(path.read_text()).values()))
+    path.write_text("{half a file")
+    broken = WorkLedger(path)  # only the times are lost, with the file named
+    assert broken.seconds == {} and str(path) in caplog.text
 
 
 def test_steps_are_checked_before_anything_runs():

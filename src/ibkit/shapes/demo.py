@@ -23,9 +23,11 @@ cores).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -349,6 +351,44 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     return results
 
 
+log = logging.getLogger(__name__)
+
+
+class WorkLedger:
+    """Seconds of each finished unit of work of a resumable run, kept in a JSON file beside its results: a run
+    resumed after an interruption skips the finished units, yet still reports what all of them took.
+
+    A unit's time is added when the unit ends; one interrupted before its end adds nothing (its finished steps
+    are kept, and the rerun times what is left). An unreadable file loses only the times: a fresh ledger,
+    with a warning that names the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seconds: dict[str, float] = {}
+        if path.exists():
+            try:
+                loaded = json.loads(path.read_text())
+                if not isinstance(loaded, dict) or not all(isinstance(v, (int, float)) for v in loaded.values()):
+                    raise ValueError("not an object of seconds per unit")
+                self.seconds = {str(unit): float(value) for unit, value in loaded.items()}
+            except (OSError, ValueError) as error:
+                log.warning("%s: cannot read the earlier units' times (%s); counting from this run on", path, error)
+
+    @contextlib.contextmanager
+    def timing(self, unit: str) -> Iterator[None]:
+        """Time the block as ``unit`` (added to its earlier time, if any), saved as soon as it ends."""
+        started = time.perf_counter()
+        yield
+        self.seconds[unit] = round(self.seconds.get(unit, 0.0) + time.perf_counter() - started, 1)
+        scratch = self.path.with_name(self.path.name + ".tmp")  # written whole, then renamed: never half a file
+        scratch.write_text(json.dumps(self.seconds, indent=2, sort_keys=True))
+        scratch.replace(self.path)
+
+    @property
+    def total(self) -> float:
+        return round(sum(self.seconds.values()), 1)
+
+
 # The paper's ablations of instruction tuning (Table 3 in miniature) and a component swap: each arm is the
 # demo's instruction tuning with one change, from the same BLIP-2 stages (seed 0), evaluated the same way.
 ABLATIONS: dict[str, tuple[str, list[str]]] = {  # arm: (label, instruction-tuning arguments)
@@ -379,7 +419,10 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
     base = Pipeline(out, out, sizes=sizes, steps=dict(steps or {}), max_eval_samples=max_eval_samples)
     swapped = Pipeline(out, out / "swapped_encoder", sizes=sizes, steps=dict(steps or {}),
                        max_eval_samples=max_eval_samples, **SWAP)
-    base.prepare_data()
+    ledger = WorkLedger(out / "ablation_seconds.json")
+    with ledger.timing("data"):
+        base.prepare_data()
+
     def encoder_lane(pipeline: Pipeline) -> dict[str, Commands]:  # what is left of encoder, then stage 1
         return {step: commands for step, commands, done in (
             ("encoder", pipeline.encoder(), pipeline.encoder_weights.exists()),
@@ -391,10 +434,12 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
         pretraining["lm"] = base.language_model()
     pretraining = {name: lane for name, lane in pretraining.items() if lane}
     if pretraining:  # independent of each other: side by side
-        run_side_by_side(pretraining, {name: out / f"{name.replace(' ', '_')}.log.txt" for name in pretraining})
-    for pipeline in (base, swapped):
+        with ledger.timing("pre-training (encoders, T5, stage 1)"):
+            run_side_by_side(pretraining, {name: out / f"{name.replace(' ', '_')}.log.txt" for name in pretraining})
+    for name, pipeline in (("", base), (" (swapped encoder)", swapped)):
         if not pipeline.ckpt("blip2_stage2").exists():
-            run_commands(pipeline.blip2_stage2())
+            with ledger.timing(f"blip2_stage2{name}"):
+                run_commands(pipeline.blip2_stage2())
     arms: dict[str, dict] = {}
     for arm, (label, extra) in ABLATIONS.items():
         per_seed = []
@@ -405,10 +450,11 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
                                 pretrained_runs=source.runs)
             done = pipeline.runs / "eval" / "instructblip" / "results.json"
             if not done.exists():
-                if not pipeline.ckpt("instruct_side").exists():
-                    run_commands(pipeline.instruct_side([*extra, f"--data.init_args.seed={seed}"]))
-                run_commands(pipeline.instruct([*extra, f"--data.init_args.seed={seed}"]))
-                run_commands(pipeline.evaluate("instructblip", [a for a in extra if "instruction_aware" in a]))
+                with ledger.timing(f"{arm} seed {seed}"):
+                    if not pipeline.ckpt("instruct_side").exists():
+                        run_commands(pipeline.instruct_side([*extra, f"--data.init_args.seed={seed}"]))
+                    run_commands(pipeline.instruct([*extra, f"--data.init_args.seed={seed}"]))
+                    run_commands(pipeline.evaluate("instructblip", [a for a in extra if "instruction_aware" in a]))
             heldout, heldin = scored_results(done.parent, out)
             per_seed.append({**{d: {"metric": v["metric"], "value": v["value"]} for d, v in heldout.items()},
                              HELD_IN_VQA: {"metric": "vqa_accuracy", "value": _overall(heldin)},
@@ -416,13 +462,18 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
                                 for kind, cell in sorted(heldin.items())}})
         arms[arm] = {"label": label, "per_seed": per_seed}
     ablation = {"seeds": list(seeds), "arms": arms, "chance": {name: chance_level(name) for name in HELD_OUT},
-                "seconds": round(time.perf_counter() - started, 1), "machine": machine_description()}
+                # every finished unit's time, over every invocation of an interrupted and resumed run
+                "seconds": ledger.total, "seconds_this_invocation": round(time.perf_counter() - started, 1),
+                "machine": machine_description()}
     (out / "ablation.json").write_text(json.dumps(ablation, indent=2, sort_keys=True))
     markdown = ablation_markdown(ablation)
     (out / "ablation.md").write_text(markdown)
     plot_ablation(ablation, out / "ablation.png")
     print("\n" + markdown)
-    print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / 'ablation.png'} in {format_minutes(ablation['seconds'])}")
+    took = format_minutes(ablation["seconds"])
+    if ablation["seconds"] > ablation["seconds_this_invocation"] + 1:  # resumed: say what this invocation took too
+        took += f" ({format_minutes(ablation['seconds_this_invocation'])} in this invocation)"
+    print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / 'ablation.png'}; the ablation took {took}")
     return ablation
 
 
