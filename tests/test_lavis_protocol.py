@@ -146,6 +146,28 @@ def test_heldin_score_is_the_mean_metric_of_the_held_in_datasets():
     assert results["val/heldin_score"] == 1.0 and results["val/score"] == 0.5
 
 
+@pytest.mark.parametrize("dataset", ["gqa", "vsr"])  # generated answers; ranked candidates
+def test_an_eval_batch_encodes_its_images_once_for_its_loss_and_its_predictions(dataset):
+    model = tiny_model(T5_TEXT).eval()
+    tok = tiny_llm_tokenizer("t5")
+    inputs = hf_inputs(batch=2)
+    labels = torch.randint(3, 20, (2, 3), generator=torch.Generator().manual_seed(0))
+    batch = {**inputs, "labels": labels, "sample_ids": ["a", "b"], "answers": [["w5"], ["w6"]],
+             "candidates": [["w5", "w6 w7"], ["w8", "w9"]], "labels_idx": [0, 1], "prompts": ["p one", "p two"]}
+    overrides = {"max_new_tokens": 2, "num_beams": 1}
+    with torch.no_grad():  # the pixel path, one pass for each use
+        expected_records = predict_batch(model, batch, get_spec(dataset), tok, overrides)
+        expected_loss = model(**inputs, labels=labels).loss
+    calls = []
+    model.vision_encoder.register_forward_hook(lambda *_: calls.append(1))
+    evaluator = Evaluator([dataset], torch.device("cpu"), llm_tokenizer=tok, generation_overrides=overrides)
+    with torch.no_grad():
+        evaluator.step(model, batch, 0)
+    assert len(calls) == 1  # was 2: the loss forward and the predictions each encoded the images
+    assert evaluator.run.records[dataset] == expected_records  # the same text, candidate scores and choice
+    assert float(evaluator.losses[0].compute()) == float(expected_loss)
+
+
 # -- item 7: LLaVA-Instruct-150K merged file ------------------------------------------------------------
 def _llava_record(image_id: str, *pairs: tuple[str, str]):
     turns = []
