@@ -40,6 +40,7 @@ from ibkit.shapes.runner import (
     run_side_by_side,
 )
 
+log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package
 HELD_OUT = ["shapes_nocaps", "shapes_vsr", "shapes_iconqa", "shapes_scienceqa", "shapes_hatefulmemes",
             "shapes_visdial", "shapes_msvdqa"]
@@ -349,9 +350,6 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     print("\n" + markdown)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'demo.png'} in {format_minutes(results['seconds'])}")
     return results
-
-
-log = logging.getLogger(__name__)
 
 
 class WorkLedger:
