@@ -438,22 +438,30 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
         if not pipeline.ckpt("blip2_stage2").exists():
             with ledger.timing(f"blip2_stage2{name}"):
                 run_commands(pipeline.blip2_stage2())
-    arms: dict[str, dict] = {}
-    for arm, (label, extra) in ABLATIONS.items():
-        per_seed = []
+    runs: dict[str, list[Pipeline]] = {}  # each arm's run per seed
+    pending: list[tuple[str, Pipeline, list[str]]] = []
+    for arm, (_, extra) in ABLATIONS.items():
+        source = swapped if arm == "swapped_encoder" else base
         for seed in seeds:
-            source = swapped if arm == "swapped_encoder" else base
             pipeline = Pipeline(out, source.runs / f"{arm}_seed{seed}", seed=seed, sizes=sizes, steps=source.steps,
                                 max_eval_samples=max_eval_samples, encoder_config=source.encoder_config, swap=source.swap,
                                 pretrained_runs=source.runs)
-            done = pipeline.runs / "eval" / "instructblip" / "results.json"
-            if not done.exists():
-                with ledger.timing(f"{arm} seed {seed}"):
-                    if not pipeline.ckpt("instruct_side").exists():
-                        run_commands(pipeline.instruct_side([*extra, f"--data.init_args.seed={seed}"]))
-                    run_commands(pipeline.instruct([*extra, f"--data.init_args.seed={seed}"]))
-                    run_commands(pipeline.evaluate("instructblip", [a for a in extra if "instruction_aware" in a]))
-            heldout, heldin = scored_results(done.parent, out)
+            runs.setdefault(arm, []).append(pipeline)
+            if not (pipeline.results_dir("instructblip") / "results.json").exists():
+                pending.append((f"{arm} seed {seed}", pipeline, [*extra, f"--data.init_args.seed={seed}"]))
+    # two (arm, seed) runs at a time, side by side with half the cores each: the instruction-tuning step is
+    # bound by per-operation overhead, and one thread runs it about as fast as two (docs/bench.md), so pairs
+    # nearly halve the ablation's time
+    for start in range(0, len(pending), 2):
+        pair = pending[start:start + 2]
+        with ledger.timing(" + ".join(name for name, _, _ in pair)):
+            run_side_by_side({name: _arm_lane(pipeline, extra) for name, pipeline, extra in pair},
+                             {name: pipeline.runs / "log.txt" for name, pipeline, _ in pair})
+    arms: dict[str, dict] = {}
+    for arm, (label, _) in ABLATIONS.items():
+        per_seed = []
+        for pipeline in runs[arm]:
+            heldout, heldin = scored_results(pipeline.results_dir("instructblip"), out)
             per_seed.append({**{d: {"metric": v["metric"], "value": v["value"]} for d, v in heldout.items()},
                              HELD_IN_VQA: {"metric": "vqa_accuracy", "value": _overall(heldin)},
                              **{f"{HELD_IN_VQA} {kind}": {"metric": "vqa_accuracy", "value": cell["value"]}
@@ -473,6 +481,17 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
         took += f" ({format_minutes(ablation['seconds_this_invocation'])} in this invocation)"
     print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / 'ablation.png'}; the ablation took {took}")
     return ablation
+
+
+def _arm_lane(pipeline: Pipeline, tuning: list[str]) -> dict[str, Commands]:
+    """One ablation run's steps in order: the side warm-up (unless its checkpoint exists), the mixture with
+    ``tuning`` (the arm's arguments and seed), then InstructBLIP's evaluation (an arm without the instruction
+    input is evaluated without it)."""
+    name = pipeline.runs.name
+    lane = {} if pipeline.ckpt("instruct_side").exists() else {f"{name} instruct_side": pipeline.instruct_side(tuning)}
+    lane[f"{name} instruct"] = pipeline.instruct(tuning)
+    lane[f"{name} evaluate"] = pipeline.evaluate("instructblip", [a for a in tuning if "instruction_aware" in a])
+    return lane
 
 
 def _overall(by_type: dict[str, dict]) -> float:
