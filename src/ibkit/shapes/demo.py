@@ -23,17 +23,17 @@ cores).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ibkit.shapes.runner import (
     Commands,
     StepClock,
+    WorkLedger,
     format_minutes,
     machine_description,
     run_commands,
@@ -351,41 +351,6 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     print("\n" + markdown)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'demo.png'} in {format_minutes(results['seconds'])}")
     return results
-
-
-class WorkLedger:
-    """Seconds of each finished unit of work of a resumable run, kept in a JSON file beside its results: a run
-    resumed after an interruption skips the finished units, yet still reports what all of them took.
-
-    A unit's time is added when the unit ends; one interrupted before its end adds nothing (its finished steps
-    are kept, and the rerun times what is left). An unreadable file loses only the times: a fresh ledger,
-    with a warning that names the file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.seconds: dict[str, float] = {}
-        if path.exists():
-            try:
-                loaded = json.loads(path.read_text())
-                if not isinstance(loaded, dict) or not all(isinstance(v, (int, float)) for v in loaded.values()):
-                    raise ValueError("not an object of seconds per unit")
-                self.seconds = {str(unit): float(value) for unit, value in loaded.items()}
-            except (OSError, ValueError) as error:
-                log.warning("%s: cannot read the earlier units' times (%s); counting from this run on", path, error)
-
-    @contextlib.contextmanager
-    def timing(self, unit: str) -> Iterator[None]:
-        """Time the block as ``unit`` (added to its earlier time, if any), saved as soon as it ends."""
-        started = time.perf_counter()
-        yield
-        self.seconds[unit] = round(self.seconds.get(unit, 0.0) + time.perf_counter() - started, 1)
-        scratch = self.path.with_name(self.path.name + ".tmp")  # written whole, then renamed: never half a file
-        scratch.write_text(json.dumps(self.seconds, indent=2, sort_keys=True))
-        scratch.replace(self.path)
-
-    @property
-    def total(self) -> float:
-        return round(sum(self.seconds.values()), 1)
 
 
 # The paper's ablations of instruction tuning (Table 3 in miniature) and a component swap: each arm is the

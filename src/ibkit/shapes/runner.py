@@ -5,14 +5,18 @@ machine)."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import shlex
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def format_minutes(seconds: float) -> str:
@@ -140,3 +144,38 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{model}, {cores()} cores, fast bf16: {'yes' if fast_bf16('cpu') else 'no'}"
+
+
+class WorkLedger:
+    """Seconds of each finished unit of work of a resumable run, kept in a JSON file beside its results: a run
+    resumed after an interruption skips the finished units, yet still reports what all of them took.
+
+    A unit's time is added when the unit ends; one interrupted before its end adds nothing (its finished steps
+    are kept, and the rerun times what is left). An unreadable file loses only the times: a fresh ledger,
+    with a warning that names the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seconds: dict[str, float] = {}
+        if path.exists():
+            try:
+                loaded = json.loads(path.read_text())
+                if not isinstance(loaded, dict) or not all(isinstance(v, (int, float)) for v in loaded.values()):
+                    raise ValueError("not an object of seconds per unit")
+                self.seconds = {str(unit): float(value) for unit, value in loaded.items()}
+            except (OSError, ValueError) as error:
+                log.warning("%s: cannot read the earlier units' times (%s); counting from this run on", path, error)
+
+    @contextlib.contextmanager
+    def timing(self, unit: str) -> Iterator[None]:
+        """Time the block as ``unit`` (added to its earlier time, if any), saved as soon as it ends."""
+        started = time.perf_counter()
+        yield
+        self.seconds[unit] = round(self.seconds.get(unit, 0.0) + time.perf_counter() - started, 1)
+        scratch = self.path.with_name(self.path.name + ".tmp")  # written whole, then renamed: never half a file
+        scratch.write_text(json.dumps(self.seconds, indent=2, sort_keys=True))
+        scratch.replace(self.path)
+
+    @property
+    def total(self) -> float:
+        return round(sum(self.seconds.values()), 1)
