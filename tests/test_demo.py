@@ -230,13 +230,13 @@ def test_steps_are_checked_before_anything_runs():
         demo(output_dir="/nonexistent/never-written", steps={"stage1": 10})
 
 
-def test_the_fp32_policy_shortens_the_encoder_the_t5_and_the_mixture_unless_steps_say_otherwise():
+def test_the_fp32_policy_shortens_the_encoder_the_t5_the_side_warm_up_and_the_mixture_unless_steps_say_otherwise():
     from ibkit.shapes.demo import FP32_STEPS, precision_steps
 
     assert precision_steps({}, fast_bf16=True) == {}
     assert precision_steps({"encoder": 5}, fast_bf16=False) == {**FP32_STEPS, "encoder": 5}
     assert precision_steps({"blip2_stage1": 5}, fast_bf16=False) == {**FP32_STEPS, "blip2_stage1": 5}
-    assert set(FP32_STEPS) == {"encoder", "instruct", "lm"}
+    assert set(FP32_STEPS) == {"encoder", "instruct_side", "instruct", "lm"}
     for step in FP32_STEPS:  # fewer steps, never more
         assert FP32_STEPS[step] < yaml.safe_load((CONFIGS / f"{step}.yaml").read_text())["trainer"]["max_steps"]
     assert precision_steps({"instruct": 7}, fast_bf16=False) == {**FP32_STEPS, "instruct": 7}  # --steps wins
