@@ -475,3 +475,43 @@ def test_chance_levels_match_the_candidates(medium_root: Path) -> None:
             assert abs(level - np.mean([1 / r for r in ranks])) < 0.01
         else:
             assert level == pytest.approx(np.mean([1 / len(s.candidates) for s in samples]))
+
+
+def test_every_generated_word_has_a_fixed_id(medium_root: Path) -> None:
+    """The shipped word list covers what the generators and templates write (append a new word to it, at the
+    end), and the tokenizers' ids follow the list, whatever the data's word counts."""
+    from ibkit.shapes.datamodule import (
+        LLM_SPECIALS,
+        QFORMER_SPECIALS,
+        _annotation_texts,
+        _template_texts,
+        corpus_words,
+        write_tiny_tokenizers,
+    )
+    from ibkit.shapes.vocabulary import SHAPES_WORDS
+
+    assert len(set(SHAPES_WORDS)) == len(SHAPES_WORDS)
+    words = corpus_words(_template_texts() + _annotation_texts(medium_root))
+    assert set(words) - set(SHAPES_WORDS) == set()
+    paths = write_tiny_tokenizers(medium_root, medium_root / "tokenizers_fixed_ids")
+    for name, specials in (("llm", LLM_SPECIALS), ("qformer", QFORMER_SPECIALS)):
+        vocab = json.loads((paths[name] / "tokenizer.json").read_text())["model"]["vocab"]
+        assert list(vocab) == [*specials, *SHAPES_WORDS]
+        assert [vocab[w] for w in SHAPES_WORDS] == list(range(len(specials), len(specials) + len(SHAPES_WORDS)))
+
+
+def test_known_words_keep_their_ids_when_counts_change() -> None:
+    from ibkit.shapes.datamodule import LLM_SPECIALS, build_vocabulary
+
+    known = ("circle", "square", "left")
+    texts = ["a red circle on the left", "a square"]
+    skewed = texts + ["square square square left left"] * 5 + ["purple"]
+    by_count = build_vocabulary(texts, 16, LLM_SPECIALS), build_vocabulary(skewed, 16, LLM_SPECIALS)
+    assert by_count[0]["circle"] != by_count[1]["circle"]  # ordered by counts, a count change moves the ids
+    fixed = build_vocabulary(texts, 16, LLM_SPECIALS, known), build_vocabulary(skewed, 16, LLM_SPECIALS, known)
+    for vocab in fixed:
+        assert [vocab[w] for w in (*LLM_SPECIALS, *known)] == list(range(7))
+    assert fixed[1]["purple"] >= 7  # a word the list lacks comes after it: nothing is lost
+    assert list(build_vocabulary(skewed, 8, LLM_SPECIALS, known)) == [*LLM_SPECIALS, *known, "a"]
+    with pytest.raises(ValueError, match="smaller than the 7 special and known words"):
+        build_vocabulary(texts, 6, LLM_SPECIALS, known)

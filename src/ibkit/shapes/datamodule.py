@@ -2,8 +2,9 @@
 
 ``configs/tiny/`` trains a random tiny InstructBLIP on the built-in shapes datasets in seconds on a
 CPU. Nothing is downloaded: the data is rendered from a seed and both tokenizers are word-level
-vocabularies built from the generated annotations and the instruction templates, so every word
-the model sees has an id. :class:`TinyShapesDataModule` prepares all of it in ``prepare_data``.
+vocabularies: the benchmark's fixed word list (``ibkit.shapes.vocabulary``, so a data change does not move
+any word's id), then any other word of the generated annotations and the instruction templates, so every
+word the model sees has an id. :class:`TinyShapesDataModule` prepares all of it in ``prepare_data``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ from ibkit.data.pretrain import PretrainData
 from ibkit.data.text import TextDataModule, TextPairDataset
 
 TINY_VOCAB_SIZE = 1024  # the tiny LLM/Q-Former configs use this vocabulary size
-TOKENIZER_VERSION = 3  # bump when the tokenizers change for the same data (2: punctuation split as counted;
-# 3: ids and file names not counted as words)
+TOKENIZER_VERSION = 4  # bump when the tokenizers change for the same data (2: punctuation split as counted;
+# 3: ids and file names not counted as words; 4: ids fixed by ibkit.shapes.vocabulary, not by counts)
 LLM_SPECIALS = ("<pad>", "</s>", "<unk>", "<s>")  # T5-like: pad 0, eos 1
 QFORMER_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # BERT-like: pad 0
 WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
@@ -72,12 +73,24 @@ def _annotation_texts(data_root: Path) -> list[str]:
     return texts
 
 
-def build_vocabulary(texts: Iterable[str], size: int, specials: Iterable[str]) -> dict[str, int]:
-    """Specials first, then the most frequent words (ties by spelling) up to ``size`` entries."""
+def build_vocabulary(
+    texts: Iterable[str], size: int, specials: Iterable[str], known_words: Sequence[str] = ()
+) -> dict[str, int]:
+    """Specials first, then ``known_words`` in their order, then the texts' other words, most frequent first
+    (ties by spelling), up to ``size`` entries.
+
+    ``known_words`` keeps ids fixed whatever the counts: ``write_tiny_tokenizers`` passes the shapes
+    benchmark's word list (``ibkit.shapes.vocabulary``), so a change to the data that moves a word's count
+    does not hand every word another embedding row.
+    """
     specials = list(specials)
+    fixed = specials + [w for w in dict.fromkeys(known_words) if w not in specials]
+    if len(fixed) > size:
+        raise ValueError(f"vocabulary size {size} is smaller than the {len(fixed)} special and known words")
     counts = corpus_words(texts)
-    words = sorted((w for w in counts if w not in specials), key=lambda w: (-counts[w], w))
-    vocab = specials + words[: size - len(specials)]
+    taken = set(fixed)
+    words = sorted((w for w in counts if w not in taken), key=lambda w: (-counts[w], w))
+    vocab = fixed + words[: size - len(fixed)]
     return {word: index for index, word in enumerate(vocab)}
 
 
@@ -110,10 +123,12 @@ def word_level_tokenizer(vocab: dict[str, int], kind: str) -> Any:
 
 def write_tiny_tokenizers(data_root: Path, out_dir: Path, size: int = TINY_VOCAB_SIZE) -> dict[str, Path]:
     """Save ``llm/`` (T5-like) and ``qformer/`` (BERT-like) tokenizers built from the data under ``data_root``."""
+    from ibkit.shapes.vocabulary import SHAPES_WORDS
+
     texts = _template_texts() + _annotation_texts(Path(data_root))
     paths = {}
     for name, kind, specials in (("llm", "t5", LLM_SPECIALS), ("qformer", "bert", QFORMER_SPECIALS)):
-        tokenizer = word_level_tokenizer(build_vocabulary(texts, size, specials), kind)
+        tokenizer = word_level_tokenizer(build_vocabulary(texts, size, specials, SHAPES_WORDS), kind)
         target = Path(out_dir) / name
         tokenizer.save_pretrained(target)
         paths[name] = target
