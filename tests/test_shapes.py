@@ -280,7 +280,7 @@ def test_answers_match_the_scene(medium_root: Path, name: str) -> None:
 
 
 def test_vqa_training_pictures_carry_several_questions_and_validation_pictures_one(medium_root: Path) -> None:
-    from ibkit.shapes.tasks import VQA_TRAIN_QUESTIONS
+    from ibkit.shapes.tasks import VQA_TRAIN_QUESTIONS, WHOLE_COUNT_QUESTION
 
     train = load_samples("shapes_vqa", medium_root, "train", strict=True)
     by_picture: dict[str, list[Sample]] = {}
@@ -303,9 +303,13 @@ def test_vqa_training_pictures_carry_several_questions_and_validation_pictures_o
             "size": len(scene.objects),
             "side": sum(abs(o.x - 0.5) >= 0.15 for o in scene.objects),  # away from the middle
         }
-        assert {kind: kinds.count(kind) for kind in supported} == {
-            kind: min(most, supported[kind]) for kind, most in VQA_TRAIN_QUESTIONS.items()
+        assert {kind: kinds.count(kind) for kind in supported if kind != "count"} == {
+            kind: min(most, supported[kind]) for kind, most in VQA_TRAIN_QUESTIONS.items() if kind != "count"
         }
+        # every picture is asked how many shapes it shows, beside the drawn count question (unless that was it)
+        whole = [s for s in samples if s.question == WHOLE_COUNT_QUESTION]
+        assert len(whole) == 1 and whole[0].answers[0] == str(len(scene.objects))
+        assert whole[0].extra["question_type"] == "count" and kinds.count("count") in (1, 2)
         assert sorted(s.answers[0] for s in samples if s.extra["question_type"] == "exists") == ["no", "yes"]
     val = load_samples("shapes_vqa", medium_root, "val", strict=True)
     assert len({s.image for s in val}) == len(val) == MEDIUM["val"]

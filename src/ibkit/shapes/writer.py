@@ -19,8 +19,8 @@ from ibkit.shapes.tasks import maker_for
 from ibkit.shapes.text_corpus import TEXT_CORPUS, TEXT_SPLITS, write_text_corpus
 
 # bump when the generated content changes: old folders then fail the manifest check
-# (3: several questions per shapes_vqa training picture)
-GENERATOR_VERSION = 3
+# (3: several questions per shapes_vqa training picture; 4: every one of them asked the whole-picture count)
+GENERATOR_VERSION = 4
 DEFAULT_SIZES = {"train": 2000, "val": 100, "test": 200}
 TINY_SIZES = {"train": 6, "val": 3, "test": 6}
 
