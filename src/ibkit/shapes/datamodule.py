@@ -19,6 +19,7 @@ from typing import Any
 from ibkit.data.datamodule import InstructionDataModule
 from ibkit.data.pretrain import PretrainData
 from ibkit.data.text import TextDataModule, TextPairDataset
+from ibkit.shapes.vocabulary import SHAPES_WORDS
 
 TINY_VOCAB_SIZE = 1024  # the tiny LLM/Q-Former configs use this vocabulary size
 TOKENIZER_VERSION = 4  # bump when the tokenizers change for the same data (2: punctuation split as counted;
@@ -123,8 +124,6 @@ def word_level_tokenizer(vocab: dict[str, int], kind: str) -> Any:
 
 def write_tiny_tokenizers(data_root: Path, out_dir: Path, size: int = TINY_VOCAB_SIZE) -> dict[str, Path]:
     """Save ``llm/`` (T5-like) and ``qformer/`` (BERT-like) tokenizers built from the data under ``data_root``."""
-    from ibkit.shapes.vocabulary import SHAPES_WORDS
-
     texts = _template_texts() + _annotation_texts(Path(data_root))
     paths = {}
     for name, kind, specials in (("llm", "t5", LLM_SPECIALS), ("qformer", "bert", QFORMER_SPECIALS)):
