@@ -78,9 +78,11 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
     assert set(results["heldout"]["instructblip"]) == set(HELD_OUT)
     assert all(cell["n"] == 4 for cell in results["heldout"]["blip2"].values())
     assert list(results["steps"]) == ["data", "encoder", "lm", "blip2_stage1", "blip2_stage2", "instruct_side",
-                                      "instruct", "evaluate", "probe"]
-    # the encoder and the T5 ran side by side, in processes of their own: the T5's output went to its log
+                                      "instruct", "evaluate", "evaluate_blip2", "probe"]
+    # the encoder and the T5 ran side by side, in processes of their own: the T5's output went to its log; so
+    # did BLIP-2's evaluation, beside instruction tuning
     assert "ibkit fit" in (tmp_path / "lm" / "log.txt").read_text()
+    assert "ibkit test" in (tmp_path / "eval" / "blip2.log.txt").read_text()
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert (tmp_path / "results.md").read_text().count("| shapes_vsr |") == 1
     # held-in VQA split by the number of shapes: the same questions as the per-type table, counted from the scenes
