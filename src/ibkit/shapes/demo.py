@@ -346,7 +346,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
         "lm_text_by_shapes": lm_by_shapes,
         "heldin_questions": sum(v["n"] for v in heldin["instructblip"].values()),
         "steps": {key: {"label": labels[key], "seconds": seconds,
-                        "curve": key if key not in ("data", "evaluate", "evaluate_blip2", "probe") else None}
+                        "curve": key if key in TRAINED_STEPS else None}
                   for key, seconds in clock.seconds.items()},
         "seconds": clock.total,
         "machine": machine_description(),
