@@ -72,7 +72,6 @@ COMMAND_MODULES = (
     "ibkit.training.encoder_pretrain", "ibkit.training.pretrain", "ibkit.training.callbacks", "ibkit.shapes.datamodule",
     "ibkit.shapes.runner", "ibkit.eval.evaluator", "transformers.models.t5.modeling_t5", "peft",
 )
-HAS_FORKSERVER = "forkserver" in multiprocessing.get_all_start_methods()  # not on Windows
 
 
 def command_processes() -> multiprocessing.context.BaseContext:
@@ -84,7 +83,7 @@ def command_processes() -> multiprocessing.context.BaseContext:
     Calling it early (the demo does, before rendering its data) lets the server import while this process works.
     As with any use of multiprocessing, a script that calls the demo from Python guards its entry point with
     ``if __name__ == "__main__":`` (a forked command prepares the script's module as a new interpreter would)."""
-    if not HAS_FORKSERVER:
+    if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context()
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(COMMAND_MODULES))
@@ -122,7 +121,7 @@ def _command_child(args: list[str], env: dict[str, str], threads: int, log: str 
 def run_command_process(args: list[str], env: dict[str, str], threads: int, log: Path | None = None) -> int:
     """Run one ``ibkit`` command in a process of its own (:func:`command_processes`; a new interpreter where
     there is no forkserver, as on Windows); its exit code."""
-    if not HAS_FORKSERVER:
+    if "forkserver" not in multiprocessing.get_all_start_methods():
         with open(log, "a") if log is not None else contextlib.nullcontext() as sink:
             return subprocess.call([sys.executable, "-m", "ibkit", *args], env=env, stdout=sink,
                                    stderr=subprocess.STDOUT if sink is not None else None)
