@@ -158,16 +158,16 @@ def run_bench(
     mark = time.perf_counter()
     bench = Bench(spec, dev, peaks=peaks, seed=seed, compile_ibkit=compile_ibkit)
     phases["build"] = time.perf_counter() - mark
+    chosen = set(workloads)
+    bar = tqdm(total=_ticks(spec, warmup, repeats, rank_repeats, chosen), desc=f"ibkit bench {spec.name}",
+               unit="run", disable=not progress)
+    results: list[dict[str, Any]] = []
     # Every measurement starts with a full collection (PeakMemory), which walks every tracked object: with the
     # libraries and the models (about half a million objects) 0.2 s a call on the 2-core AMD EPYC, 115 calls at
     # the tiny size (27 of its 33 s). What exists now lives for the whole run: freeze it, so that a collection
     # walks only what the measurements make.
     gc.collect()
     gc.freeze()
-    chosen = set(workloads)
-    bar = tqdm(total=_ticks(spec, warmup, repeats, rank_repeats, chosen), desc=f"ibkit bench {spec.name}",
-               unit="run", disable=not progress)
-    results: list[dict[str, Any]] = []
     try:
         if "train" in chosen:
             mark = time.perf_counter()
