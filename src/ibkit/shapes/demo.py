@@ -34,6 +34,7 @@ from ibkit.shapes.runner import (
     Commands,
     StepClock,
     WorkLedger,
+    command_processes,
     format_minutes,
     machine_description,
     run_commands,
@@ -309,6 +310,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
                         max_eval_samples=max_eval_samples)
     labels = {**STEP_LABELS, **({"lm": LM_BINDING_LABEL} if pipeline.steps.get("lm_binding") else {})}
     clock = StepClock(labels)
+    command_processes()  # the side-by-side commands' server imports on the other core while the data renders
     print("[demo] rendering the shapes data and writing the tokenizers", flush=True)
     pipeline.prepare_data()
     clock.done("data")
@@ -391,6 +393,7 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
     swapped = Pipeline(out, out / "swapped_encoder", sizes=sizes, steps=dict(steps or {}),
                        max_eval_samples=max_eval_samples, **SWAP)
     ledger = WorkLedger(out / "ablation_seconds.json")
+    command_processes()  # its server imports while the data renders
     with ledger.timing("data"):
         base.prepare_data()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import shlex
 import subprocess
@@ -64,6 +66,90 @@ def run_commands(commands: Commands) -> None:
             raise SystemExit(f"ibkit {args[0]} failed with exit code {code}")
 
 
+# What an ``ibkit`` command imports before it runs (torch, Lightning, jsonargparse, transformers' T5, ibkit's
+# models, data and training): 5.7 s a process on the 2-core AMD EPYC, paid by every command of a lane.
+COMMAND_MODULES = (
+    "ibkit.app", "ibkit.app.config", "ibkit.app.export", "ibkit.training.module", "ibkit.training.text_lm",
+    "ibkit.training.encoder_pretrain", "ibkit.training.pretrain", "ibkit.training.callbacks", "ibkit.shapes.datamodule",
+    "ibkit.shapes.runner", "ibkit.eval.evaluator", "transformers.models.t5.modeling_t5", "peft",
+)
+HAS_FORKSERVER = "forkserver" in multiprocessing.get_all_start_methods()  # not on Windows
+
+
+def command_processes() -> multiprocessing.context.BaseContext:
+    """Where side-by-side commands run: processes forked from a server that has imported
+    :data:`COMMAND_MODULES` once (multiprocessing's forkserver), so that a command starts in a fraction of a
+    second instead of importing them again. The server has run nothing, so a fork of it is as fresh as a new
+    interpreter (no thread pools yet); each command sets its own environment and thread count.
+
+    Calling it early (the demo does, before rendering its data) lets the server import while this process works.
+    As with any use of multiprocessing, a script that calls the demo from Python guards its entry point with
+    ``if __name__ == "__main__":`` (a forked command prepares the script's module as a new interpreter would)."""
+    if not HAS_FORKSERVER:
+        return multiprocessing.get_context()
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(COMMAND_MODULES))
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+    return context
+
+
+def _command_child(args: list[str], env: dict[str, str], threads: int, log: str | None) -> None:
+    """One ``ibkit`` command in a forked process: the environment and thread count of ``python -m ibkit`` run
+    with ``env``, its output appended to ``log`` (else this process's own)."""
+    if log is not None:
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = ["ibkit", *args]
+    # what a new interpreter would start its data-loader workers with (a forkserver's child otherwise starts them
+    # through a server of its own, which imports everything again: 34 s of a 39 s evaluation at the test size)
+    multiprocessing.set_start_method("fork" if sys.platform.startswith("linux") else "spawn", force=True)
+    import torch
+
+    torch.set_num_threads(threads)
+    from ibkit.app import main
+
+    code = main(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def run_command_process(args: list[str], env: dict[str, str], threads: int, log: Path | None = None) -> int:
+    """Run one ``ibkit`` command in a process of its own (:func:`command_processes`; a new interpreter where
+    there is no forkserver, as on Windows); its exit code."""
+    if not HAS_FORKSERVER:
+        with open(log, "a") if log is not None else contextlib.nullcontext() as sink:
+            return subprocess.call([sys.executable, "-m", "ibkit", *args], env=env, stdout=sink,
+                                   stderr=subprocess.STDOUT if sink is not None else None)
+    target_args = (args, env, threads, None if log is None else str(log))
+    return run_process(command_processes().Process(target=_command_child, args=target_args))
+
+
+# Held while a process starts and while its exit code is read: ``Process.start`` first polls every unfinished
+# process this one started (multiprocessing's ``_cleanup``), and a forkserver process's poll reads its exit code
+# from a pipe, once. A lane's thread polling the other lane's process just as that thread reads the same exit code
+# leaves one of them with nothing to read, which multiprocessing reports as exit code 255 (2-core AMD EPYC: 23 of
+# 600 short processes started two threads at a time; none of 6,000 with the lock).
+_PROCESS_LOCK = threading.Lock()
+
+
+def run_process(process: multiprocessing.process.BaseProcess) -> int:
+    """Start ``process``, wait for it and return its exit code (1 where it has none), safely beside other
+    threads doing the same: the wait itself is outside :data:`_PROCESS_LOCK`, so lanes still run side by side."""
+    with _PROCESS_LOCK:
+        process.start()
+    multiprocessing.connection.wait([process.sentinel])
+    with _PROCESS_LOCK:
+        process.join()
+    return process.exitcode if process.exitcode is not None else 1
+
+
 def cores() -> int:
     """The CPU cores this process may use (its affinity where the OS tells it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -77,6 +163,10 @@ def run_side_by_side(jobs: Mapping[str, Commands | Lane], logs: Mapping[str, Pat
     torch threads. A job is a list of ibkit commands (one step, named by the job) or a lane: named steps, each
     a list of commands, run one after the other (a step that needs an earlier step of its lane, beside a job it
     does not need). Returns each step's wall seconds.
+
+    Each command runs in a process of its own, forked from a server that has imported what a command needs
+    (:func:`command_processes`): the same command, environment and thread count as ``python -m ibkit`` in a
+    new interpreter, the same results, without importing torch, Lightning and transformers again per command.
 
     Why: the demo's small models use two cores poorly (on the 2-core AMD EPYC the encoder step ran 1.25x and
     the T5 step 1.4x slower on one core than on two), so two independent steps side by side, one core each,
@@ -95,16 +185,17 @@ def run_side_by_side(jobs: Mapping[str, Commands | Lane], logs: Mapping[str, Pat
         try:
             if log is not None:
                 log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text("")
             with contextlib.ExitStack() as stack:
-                sink = stack.enter_context(open(log, "w")) if log is not None else None
+                # appended to, by this thread and by each command's process in turn
+                sink = stack.enter_context(open(log, "a")) if log is not None else None
                 for step, commands in lane.items():
                     started = time.perf_counter()
                     for args in commands:
                         print("\n" + _command_line(args), flush=True, file=sink or sys.stdout)
                         if sink is not None:
                             sink.flush()
-                        code = subprocess.call([sys.executable, "-m", "ibkit", *args], env=env, stdout=sink,
-                                               stderr=subprocess.STDOUT if sink is not None else None)
+                        code = run_command_process(args, env, threads, log)
                         if code:
                             where = step if step == name else f"{step} in {name}"  # lanes may share step names
                             failed[name] = f"ibkit {args[0]} of {where} failed with exit code {code}" + (
