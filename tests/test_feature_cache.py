@@ -307,6 +307,32 @@ def test_cache_features_command_builds_every_dataset_of_a_config(tmp_path, capsy
     assert "train_augment" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("fast_bf16", ["1", "0"])
+def test_a_fit_finds_the_cache_that_the_command_built_beforehand(tmp_path, monkeypatch, fast_bf16):
+    """`ibkit data cache-features` encodes with the encoder as the fit's callback sees it: under the bf16 policy
+    the command once cast it to bf16 first (configure_model), so the fit, whose policy comes after the callback,
+    found another fingerprint and encoded everything again."""
+    from ibkit.app import main
+    from ibkit.app.config import build_cli
+
+    monkeypatch.setenv("IBKIT_CPU_BF16", fast_bf16)
+    cache, data = tmp_path / "cache", tmp_path / "tiny"
+    common = ["--config", "configs/tiny/fit.yaml", "--data.root", str(data), "--trainer.logger", "false",
+              "--model.fast_paths", "true"]  # the precision policy (the tiny preset runs without it)
+    assert main(["data", "cache-features", "--cache_dir", str(cache), "--num_workers", "0", *common]) == 0
+
+    def stored() -> dict[Path, int]:  # features and indexes (not the marks of the processes that have them open)
+        return {p.relative_to(cache): p.stat().st_mtime_ns for p in cache.rglob("*") if p.suffix in (".safetensors", ".json")}
+
+    built = stored()
+    assert any(p.suffix == ".safetensors" for p in built)
+    build_cli(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar",
+               "false", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
+               "--trainer.callbacks+=ibkit.training.callbacks.FeatureCacheCallback", f"--trainer.callbacks.cache_dir={cache}",
+               "--trainer.callbacks.progress=false"], run=True)
+    assert stored() == built  # same fingerprint folders, no shard or index written: nothing encoded again
+
+
 def _store(root: Path, letter: str):
     from ibkit.data.feature_store import FeatureStore
 

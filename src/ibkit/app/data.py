@@ -119,15 +119,15 @@ def cache_features(
     import torch
 
     from ibkit.data.feature_cache import FeatureCacheError, enable_feature_cache
+    from ibkit.training.callbacks import frozen_encoder_to_cache
 
-    module.configure_model()
     stage_list = [s.strip() for s in stages.split(",") if s.strip()]
-    datamodule.prepare_data()  # e.g. the tiny shapes workspace renders its images here
-    for stage in stage_list:
-        datamodule.setup(stage)
-    encoder = module.model.vision_encoder
-    encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
+        encoder = frozen_encoder_to_cache(module)  # as the fit's FeatureCacheCallback sees it: the cache it finds
+        datamodule.prepare_data()  # e.g. the tiny shapes workspace renders its images here
+        for stage in stage_list:
+            datamodule.setup(stage)
+        encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         added = enable_feature_cache(
             datamodule, encoder, cache_dir, stages=stage_list, dtype=dtype,
             batch_size=batch_size, num_workers=num_workers,

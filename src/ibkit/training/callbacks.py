@@ -7,11 +7,39 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ibkit.data.feature_cache import FeatureCacheError, enable_feature_cache
 
 log = logging.getLogger(__name__)
+
+
+def frozen_encoder_to_cache(module: LightningModule) -> torch.nn.Module:
+    """The frozen image encoder whose features a run of ``module`` caches, as that run's training will see it.
+
+    A module given its network already (``model: {class_path: ...}``, weights from ``init_from``) is used as it
+    is: its precision policy comes later, in Lightning's ``configure_model``, so features are encoded from the
+    stored weights. One that loads its network in ``configure_model`` (``model.pretrained``) is built here.
+    ``ibkit data cache-features`` goes through this too, so that a cache built beforehand is the one a fit finds
+    (same encoder weights and dtype: the same fingerprint). A trainable encoder is refused."""
+    model = getattr(module, "model", None)
+    if model is None and callable(getattr(module, "configure_model", None)):
+        module.configure_model()  # e.g. model.pretrained: the encoder is needed now
+        model = getattr(module, "model", None)
+    if model is None:
+        raise FeatureCacheError(
+            f"FeatureCacheCallback: {type(module).__name__} has no model after configure_model(); "
+            "build it in __init__ or configure_model"
+        )
+    encoder = model.vision_encoder
+    if not getattr(encoder, "frozen", False) or any(p.requires_grad for p in encoder.parameters()):
+        raise FeatureCacheError(
+            f"FeatureCacheCallback: the vision encoder of {type(module).__name__} trains (frozen: false), so "
+            "its features change at every step and cached ones would leave it without gradient. Freeze the "
+            "encoder or remove the feature cache from trainer.callbacks."
+        )
+    return encoder
 
 
 class FeatureCacheCallback(Callback):
@@ -44,22 +72,7 @@ class FeatureCacheCallback(Callback):
         datamodule = trainer.datamodule
         if datamodule is None:
             raise FeatureCacheError("FeatureCacheCallback needs a datamodule (InstructionDataModule or PretrainDataModule)")
-        model = getattr(pl_module, "model", None)
-        if model is None and callable(getattr(pl_module, "configure_model", None)):
-            pl_module.configure_model()  # e.g. model.pretrained: the encoder is needed now
-            model = getattr(pl_module, "model", None)
-        if model is None:
-            raise FeatureCacheError(
-                f"FeatureCacheCallback: {type(pl_module).__name__} has no model after configure_model(); "
-                "build it in __init__ or configure_model"
-            )
-        encoder = model.vision_encoder
-        if not getattr(encoder, "frozen", False) or any(p.requires_grad for p in encoder.parameters()):
-            raise FeatureCacheError(
-                f"FeatureCacheCallback: the vision encoder of {type(pl_module).__name__} trains (frozen: false), so "
-                "its features change at every step and cached ones would leave it without gradient. Freeze the "
-                "encoder or remove the feature cache from trainer.callbacks."
-            )
+        encoder = frozen_encoder_to_cache(pl_module)
         device = trainer.strategy.root_device
         original = next(iter(encoder.parameters())).device
         encoder.to(device)
