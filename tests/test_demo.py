@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,11 +82,13 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
     assert set(results["heldout"]) == set(MODELS)
     assert set(results["heldout"]["instructblip"]) == set(HELD_OUT)
     assert all(cell["n"] == 4 for cell in results["heldout"]["blip2"].values())
-    assert list(results["steps"]) == ["data", "encoder", "lm", "blip2_stage1", "blip2_stage2", "instruct_side",
-                                      "instruct", "evaluate", "evaluate_blip2", "probe"]
-    # the encoder and the T5 ran side by side, in processes of their own: the T5's output went to its log; so
-    # did BLIP-2's evaluation, beside instruction tuning
-    assert "ibkit fit" in (tmp_path / "lm" / "log.txt").read_text()
+    assert list(results["steps"]) == ["data", "encoder", "lm", "blip2_stage1", "features", "blip2_stage2",
+                                      "instruct_side", "instruct", "evaluate", "evaluate_blip2", "probe"]
+    # the encoder and the T5 ran side by side, in processes of their own: the T5's output went to its log, and
+    # so did the instruction data's feature caching after it; so did BLIP-2's evaluation, beside instruction tuning
+    lm_log = (tmp_path / "lm" / "log.txt").read_text()
+    assert "ibkit fit" in lm_log and "ibkit data cache-features" in lm_log
+    assert re.search(r"feature cache \S+: [1-9]\d* item\(s\) encoded", lm_log)
     assert "ibkit test" in (tmp_path / "eval" / "blip2.log.txt").read_text()
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert (tmp_path / "results.md").read_text().count("| shapes_vsr |") == 1
@@ -242,6 +245,47 @@ def test_a_lane_runs_its_steps_in_order_beside_another_job_and_stops_at_its_fail
         run_side_by_side({"first": [["--version"]], "lane": {"a": [["no-such-command"]], "b": [["--version"]]}}, logs)
     assert str(logs["lane"]) in str(failure.value)
     assert "$ ibkit --version" not in logs["lane"].read_text()  # step b needs step a: never started
+
+
+def test_a_step_waits_for_the_step_of_another_lane_that_it_comes_after(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import ibkit.shapes.runner as runner
+
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def fake_command(args, env, threads, log=None):  # ["name", seconds, exit code]
+        with lock:
+            events.append(("start", args[0]))
+        time.sleep(float(args[1]))
+        with lock:
+            events.append(("end", args[0]))
+        return int(args[2])
+
+    monkeypatch.setattr(runner, "run_command_process", fake_command)
+    logs = {"late": tmp_path / "late.txt"}
+    # without the wait, "needs" would start at once, long before "slow" ends
+    jobs = {"early": {"slow": [["slow", "0.5", "0"]]}, "late": {"quick": [["quick", "0", "0"]],
+                                                                 "needs": [["needs", "0", "0"]]}}
+    seconds = runner.run_side_by_side(jobs, logs, after={"needs": "slow"})
+    assert set(seconds) == {"slow", "quick", "needs"}
+    assert events.index(("start", "needs")) > events.index(("end", "slow"))
+    assert events.index(("end", "quick")) < events.index(("end", "slow"))  # the lane's earlier step did not wait
+
+    events.clear()
+    jobs["early"] = {"slow": [["slow", "0.2", "1"]]}  # it fails: the step after it never runs, and says why
+    with pytest.raises(SystemExit, match="needs in late did not run: it needs slow, which failed"):
+        runner.run_side_by_side(jobs, logs, after={"needs": "slow"})
+    assert ("start", "needs") not in events and ("end", "quick") in events
+
+    for after, message in (({"needs": "nothing"}, "no step 'nothing'"), ({"needs": "quick"}, "both in lane 'late'"),
+                           ({"needs": "slow", "slow": "needs"}, "wait for each other forever: "),
+                           ({"slow": "needs", "quick": "slow"}, "slow -> needs -> quick -> slow")):
+        with pytest.raises(ValueError, match=message):
+            runner.run_side_by_side(jobs, logs, after=after)
+    assert ("start", "needs") not in events  # refused before anything ran
 
 
 def test_each_encoder_has_its_own_feature_cache_and_its_arms_share_it(tmp_path):

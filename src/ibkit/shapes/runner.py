@@ -158,7 +158,8 @@ def cores() -> int:
 Lane = Mapping[str, Commands]  # named steps, run one after the other in one process's lane
 
 
-def run_side_by_side(jobs: Mapping[str, Commands | Lane], logs: Mapping[str, Path]) -> dict[str, float]:
+def run_side_by_side(jobs: Mapping[str, Commands | Lane], logs: Mapping[str, Path],
+                     after: Mapping[str, str] | None = None) -> dict[str, float]:
     """Run independent jobs at the same time, each in its own process with an equal share of the CPU cores as
     torch threads. A job is a list of ibkit commands (one step, named by the job) or a lane: named steps, each
     a list of commands, run one after the other (a step that needs an earlier step of its lane, beside a job it
@@ -174,8 +175,15 @@ def run_side_by_side(jobs: Mapping[str, Commands | Lane], logs: Mapping[str, Pat
     result. The first job prints here; every other job writes to its file in ``logs`` (named on failure).
     Every job runs to its end even when another fails, so that no finished step is lost (a lane stops at its
     failed step: the next one would need it).
+
+    ``after`` maps a step to a step of another lane that must end first: the step waits for it, and does not run
+    (its lane stops there) if that one failed. Waits that could never end (a cycle through the lanes' orders)
+    are refused before anything runs.
     """
     lanes = {name: dict(job) if isinstance(job, Mapping) else {name: job} for name, job in jobs.items()}
+    after = dict(after or {})
+    _check_waits(lanes, after)
+    ended = {step: threading.Event() for lane in lanes.values() for step in lane}
     threads = max(1, cores() // len(lanes))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     seconds: dict[str, float] = {}
@@ -190,6 +198,11 @@ def run_side_by_side(jobs: Mapping[str, Commands | Lane], logs: Mapping[str, Pat
                 # appended to, by this thread and by each command's process in turn
                 sink = stack.enter_context(open(log, "a")) if log is not None else None
                 for step, commands in lane.items():
+                    if step in after:
+                        ended[after[step]].wait()
+                        if after[step] not in seconds:
+                            failed[name] = f"{step} in {name} did not run: it needs {after[step]}, which failed"
+                            return
                     started = time.perf_counter()
                     for args in commands:
                         print("\n" + _command_line(args), flush=True, file=sink or sys.stdout)
@@ -202,8 +215,12 @@ def run_side_by_side(jobs: Mapping[str, Commands | Lane], logs: Mapping[str, Pat
                                 f" (its output: {log})" if log is not None else "")
                             return
                     seconds[step] = round(time.perf_counter() - started, 1)
+                    ended[step].set()
         except OSError as error:
             failed[name] = f"{name} could not run: {error}"
+        finally:
+            for step in lane:  # a failed or skipped step has ended too: whoever waits for it learns so
+                ended[step].set()
 
     names = list(lanes)
     for name in names[1:]:
@@ -218,6 +235,39 @@ def run_side_by_side(jobs: Mapping[str, Commands | Lane], logs: Mapping[str, Pat
     if failed:
         raise SystemExit("; ".join(failed.values()))
     return seconds
+
+
+def _check_waits(lanes: Mapping[str, Mapping[str, Commands]], after: Mapping[str, str]) -> None:
+    """Refuse ``after`` entries that name no step, stay within one lane, or close a cycle of waits (each step
+    also waits for the one before it in its lane), which would leave the lanes waiting for each other."""
+    lane_of = {step: name for name, lane in lanes.items() for step in lane}
+    for step, needed in after.items():
+        for named in (step, needed):
+            if named not in lane_of:
+                raise ValueError(f"after: no step {named!r}; the steps are {sorted(lane_of)}")
+            if sum(named in lane for lane in lanes.values()) > 1:
+                raise ValueError(f"after: more than one lane has a step {named!r}")
+        if lane_of[step] == lane_of[needed]:
+            raise ValueError(f"after: {step!r} and {needed!r} are both in lane {lane_of[step]!r}, which runs its "
+                             "steps in order already")
+    waits_for = {step: [*([after[step]] if step in after else [])] for step in lane_of}
+    for lane in lanes.values():
+        steps = list(lane)
+        for earlier, later in zip(steps, steps[1:]):
+            waits_for[later].append(earlier)
+    done: set[str] = set()
+
+    def visit(step: str, path: tuple[str, ...]) -> None:
+        if step in path:
+            cycle = " -> ".join((*path[path.index(step):], step))
+            raise ValueError(f"after: these steps would wait for each other forever: {cycle}")
+        if step not in done:
+            for needed in waits_for[step]:
+                visit(needed, (*path, step))
+            done.add(step)
+
+    for step in waits_for:
+        visit(step, ())
 
 
 def machine_description() -> str:
