@@ -16,9 +16,9 @@ module (package data), printed as it runs:
 6. ``evaluate``: the BLIP-2 stage-2 model and the instruction-tuned model, zero-shot on the held-out
    families and on held-in VQA, with the same prompts, with standard errors; ``probe``: the T5 from text.
 
-Step 2 depends on neither step 1 nor step 3: it runs beside them (step 1, then step 3, in one lane), as BLIP-2's
-evaluation (step 6, which needs step 4 only) runs beside step 5 and InstructBLIP's evaluation
-(:func:`run_side_by_side`: one process each, an equal share of the cores).
+Step 2 depends on neither step 1 nor step 3: it runs beside them (step 1, then step 3, in one lane), then caches
+step 5's image features; BLIP-2's evaluation (step 6, which needs step 4 only) runs beside step 5 and
+InstructBLIP's evaluation (:func:`run_side_by_side`: one process each, an equal share of the cores).
 """
 
 from __future__ import annotations
@@ -164,15 +164,11 @@ class Pipeline:
         return f"--trainer.callbacks.init_args.cache_dir={self.cache_dir}"
 
     def instruction_features(self) -> Commands:
-        """The frozen encoder's features of instruction tuning's images (the mixture's sets; the side warm-up's
-        questions are among them), encoded ahead of it into :attr:`cache_dir`, where the warm-up and the mixture
-        then find them. It needs the encoder only: the demo runs it in the T5's lane, whose core would otherwise
-        wait for stage 1 to end, and takes it off the instruction-tuning lane (about 20 s on the 2-core AMD
-        EPYC). The same encoder, batch size and dtype as the fits' own caching, so the same features."""
-        args = [*self._configs("instruct"), *self._data(), *self._tokenizers(), *self._network_lm(),
-                *self._init_from([self.encoder_weights]), "--model.init_args.allow_uninitialized=true",  # only the
-                f"--cache_dir={self.cache_dir}", "--stages=fit", "--num_workers=0"]  # encoder runs: the rest may be random
-        return [["data", "cache-features", *args]]
+        """Instruction tuning's image features (the mixture's sets hold the warm-up's), cached ahead of it as its
+        fits would (the same features), in the T5's lane while stage 1 ends: 20 s off the critical path here."""
+        return [["data", "cache-features", *self._configs("instruct"), *self._data(), *self._tokenizers(),
+                 *self._network_lm(), *self._init_from([self.encoder_weights]), "--model.init_args.allow_uninitialized=true",
+                 f"--cache_dir={self.cache_dir}", "--stages=fit", "--num_workers=0"]]  # only the encoder runs: the rest may be random
 
     def blip2_stage1(self) -> Commands:
         return self.fit("blip2_stage1", "blip2_stage1", [*self._tokenizers(llm=False), *self._init_from([self.encoder_weights]),
@@ -327,14 +323,12 @@ def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None]
     pipeline.prepare_data()
     clock.done("data")
     # the T5 needs neither the encoder nor stage 1 (stage 2 needs all three): one lane beside the other, an
-    # equal share of the cores each. The T5 ends first; its lane then encodes instruction tuning's images
-    # (after the encoder, from the other lane), which the warm-up and the mixture would otherwise do themselves
+    # equal share of the cores each; the T5's, shorter, then caches instruction tuning's features (after the encoder)
     pretrained = run_side_by_side({"encoder": {"encoder": pipeline.encoder(), "blip2_stage1": pipeline.blip2_stage1()},
                                    "lm": {"lm": pipeline.language_model(), "features": pipeline.instruction_features()}},
                                   {"lm": pipeline.lm.parent / "log.txt"}, after={"features": "encoder"})
     clock.done("encoder", f"{labels['encoder']}, then {labels['blip2_stage1']} | {labels['lm']}, then "
-                          f"{labels['features']}")
-    # they ran at the same time: each step gets its own wall time, in the order of the pipeline
+                          f"{labels['features']}")  # side by side: each step gets its own time, in pipeline order
     clock.seconds.update({step: pretrained[step] for step in ("encoder", "lm", "blip2_stage1", "features")})
     run_commands(pipeline.blip2_stage2())
     clock.done("blip2_stage2")
