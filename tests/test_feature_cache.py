@@ -305,6 +305,8 @@ def test_cache_features_command_builds_every_dataset_of_a_config(tmp_path, capsy
     assert capsys.readouterr().out.strip().endswith("0 item(s) encoded")
     assert main([*args, "--data.train_augment", "true"]) == 2  # random crops: refused, with the reason
     assert "train_augment" in capsys.readouterr().out
+    assert main([*args, "--model.model.init_args.vision_encoder.init_args.frozen", "false"]) == 2  # as the callback
+    assert "vision encoder of InstructBLIPModule trains (frozen: false)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fast_bf16", ["1", "0"])

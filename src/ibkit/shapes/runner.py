@@ -250,7 +250,7 @@ def _check_waits(lanes: Mapping[str, Mapping[str, Commands]], after: Mapping[str
         if lane_of[step] == lane_of[needed]:
             raise ValueError(f"after: {step!r} and {needed!r} are both in lane {lane_of[step]!r}, which runs its "
                              "steps in order already")
-    waits_for = {step: [*([after[step]] if step in after else [])] for step in lane_of}
+    waits_for = {step: [after[step]] if step in after else [] for step in lane_of}
     for lane in lanes.values():
         steps = list(lane)
         for earlier, later in zip(steps, steps[1:]):

@@ -29,15 +29,15 @@ def frozen_encoder_to_cache(module: LightningModule) -> torch.nn.Module:
         model = getattr(module, "model", None)
     if model is None:
         raise FeatureCacheError(
-            f"FeatureCacheCallback: {type(module).__name__} has no model after configure_model(); "
+            f"feature cache: {type(module).__name__} has no model after configure_model(); "
             "build it in __init__ or configure_model"
         )
     encoder = model.vision_encoder
     if not getattr(encoder, "frozen", False) or any(p.requires_grad for p in encoder.parameters()):
         raise FeatureCacheError(
-            f"FeatureCacheCallback: the vision encoder of {type(module).__name__} trains (frozen: false), so "
-            "its features change at every step and cached ones would leave it without gradient. Freeze the "
-            "encoder or remove the feature cache from trainer.callbacks."
+            f"feature cache: the vision encoder of {type(module).__name__} trains (frozen: false), so its "
+            "features change at every step and cached ones would leave it without gradient. Freeze the encoder, "
+            "or train without the feature cache (FeatureCacheCallback in trainer.callbacks)."
         )
     return encoder
 
