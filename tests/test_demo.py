@@ -194,7 +194,7 @@ def test_a_command_process_runs_ibkit_with_its_environment_and_appends_to_its_lo
         assert report["fast_bf16_forced"] is (forced == "1")
 
 
-# Threads (four, as two lanes' threads would be, more often) start and wait for forkserver processes at once; each
+# Four threads (two lanes' worth, to make the race more frequent) start and wait for forkserver processes at once; each
 # must get its own process's exit code.
 # A new interpreter, so that its forkserver has imported nothing and forks fast: that makes the race this guards
 # against (Process.start polling the other thread's process, two readers of one exit code, one of them told 255)
@@ -204,7 +204,7 @@ THREADS_OF_PROCESSES = """
 import multiprocessing, sys, threading, time
 
 def child(i):
-    time.sleep(0.001 * (i % 7))  # the two threads' processes end at shifting times against each other's starts
+    time.sleep(0.001 * (i % 7))  # the threads' processes end at shifting times against each other's starts
     sys.exit(i % 5)
 
 def lane(run_process, context, offset, wrong):
