@@ -281,7 +281,7 @@ TRAINED_STEPS = ("encoder", *LM_STEPS, "blip2_stage1", "blip2_stage2", *INSTRUCT
 # T5, the side warm-up and the mixture give up steps so that the demo keeps its 10 minutes (2-core AMD EPYC,
 # IBKIT_CPU_BF16=0: an fp32 encoder step of 32 took 0.33 s against 0.19 s, so 1,050 steps of 16 would lengthen
 # the encoder lane by about a minute; with these steps the forced demo took 8 min 21 s, and 9 min 09 s in a slower
-# hour; 9 min 00 s with instruction tuning on one thread beside BLIP-2's evaluation; README, the demo).
+# hour; 9 min 00 s with instruction tuning on one thread beside BLIP-2's evaluation; docs/demo.md).
 FP32_STEPS: dict[str, int | None] = {"encoder": 700, "lm": 900, "instruct_side": 1000, "instruct": 800}
 
 

@@ -97,12 +97,12 @@ def _make_vqa(rng: random.Random) -> tuple[Record, Scene]:
 # Questions per training picture and type (VQAv2 asks ~5.4 per image): at most this many of each type the
 # scene supports; "exists" is one yes and one no question. Side is asked of every shape away from the middle.
 # With one question per picture (as val has) the demo ended at side 0.55, size 0.54, "is there" 0.55; with
-# these counts and the side warm-up (configs/instruct_side.yaml) at 0.63, 0.74, 0.66 (README, the demo).
+# these counts and the side warm-up (configs/instruct_side.yaml) at 0.63, 0.74, 0.66 (docs/demo.md).
 VQA_TRAIN_QUESTIONS = {"color": 2, "shape": 2, "count": 1, "exists": 2, "size": 2, "side": 4}
 # ...and every picture is asked "How many shapes are there?" (answers 1-4 about equally often), beside the count
 # question drawn above: drawn alone, four of five count questions name one shape or colour and answer "1", and
 # the demo's model said "1" to 253 of 260 count questions (count 0.800, its share of 1s plus four threes). With
-# it (2-core AMD EPYC, seed 0, the same stages: README, the demo): count 0.862, the whole-picture count 50 of 58
+# it (2-core AMD EPYC, seed 0, the same stages: docs/demo.md): count 0.862, the whole-picture count 50 of 58
 # right instead of 34, IconQA-like 0.543 against 0.443. Also asking the per-shape and per-colour counts whose
 # answer is 2 or more: count 0.758 (the model then says "2" to half the shapes that are alone).
 WHOLE_COUNT_QUESTION = "How many shapes are there?"
