@@ -419,11 +419,40 @@ def test_tiny_datamodule_keeps_only_the_training_questions_of_the_types_asked(wo
     assert set(kinds) > {"side", "size"} and sorted(kept) == sorted(k for k in kinds if k in ("side", "size"))
     # evaluation sets are never filtered
     assert [s.sample_id for s in side.eval_datasets[0].samples] == [s.sample_id for s in every.eval_datasets[0].samples]
-    with pytest.raises(ValueError, match=r"question_types: \['sides'\]"):
+    with pytest.raises(ValueError, match=r"question_types \(shapes_vqa\): \['sides'\]"):
         TinyShapesDataModule(root=str(workspace), question_types=["sides"])
     captions = TinyShapesDataModule(root=str(workspace), datasets=["shapes_caption"], question_types=["side"])
-    with pytest.raises(ValueError, match=r"shapes_caption \(train\): no training question of types \['side'\]"):
+    with pytest.raises(ValueError, match=r"shapes_caption \(train\): no training question of types \['side'\]"
+                                         r".*the dataset's types: \['None'\].*\{shapes_vqa: \['side'\]\}"):
         captions.setup("fit")
+
+
+def test_tiny_datamodule_filters_only_the_datasets_a_question_types_mapping_names(workspace):
+    """A mapping keeps a mixture's other datasets whole (a list would refuse captions, which have no types)."""
+    from jsonargparse import ArgumentParser
+
+    from ibkit.shapes.datamodule import TinyShapesDataModule
+
+    names = ["shapes_vqa", "shapes_caption"]
+    every = TinyShapesDataModule(root=str(workspace), datasets=names, eval_datasets=["shapes_vqa"])
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TinyShapesDataModule, "data")
+    parsed = parser.parse_args([f"--data.root={workspace}", f"--data.datasets={names}",
+                                "--data.eval_datasets=[shapes_vqa]", "--data.question_types={shapes_vqa: [side]}"])
+    assert parsed.data.question_types == {"shapes_vqa": ["side"]}  # the CLI's YAML form reaches the module as is
+    mixed = TinyShapesDataModule(**vars(parsed.data))
+    for dm in (every, mixed):
+        dm.setup("fit")
+    samples = {dm: {d.name: d.samples for d in dm.train_dataset.datasets} for dm in (every, mixed)}
+    assert {s.extra["question_type"] for s in samples[mixed]["shapes_vqa"]} == {"side"}
+    assert [s.sample_id for s in samples[mixed]["shapes_vqa"]] == [
+        s.sample_id for s in samples[every]["shapes_vqa"] if s.extra["question_type"] == "side"]
+    assert [s.sample_id for s in samples[mixed]["shapes_caption"]] == [
+        s.sample_id for s in samples[every]["shapes_caption"]]
+    with pytest.raises(ValueError, match=r"question_types names \['shapes_vqg'\], not among the training datasets"):
+        TinyShapesDataModule(root=str(workspace), datasets=names, question_types={"shapes_vqg": ["color"]})
+    with pytest.raises(ValueError, match=r"question_types \(shapes_vqa\): \[\]"):
+        TinyShapesDataModule(root=str(workspace), datasets=names, question_types={"shapes_vqa": []})
 
 
 def test_fast_paths_are_refused_under_fsdp_by_both_training_modules():

@@ -159,8 +159,10 @@ class TinyShapesDataModule(InstructionDataModule):
     model's own to evaluate it on data rendered from another seed. Being its own tokenizers, they stay
     through ``connect``, which refuses them when they number the model's tokens differently.
 
-    ``question_types`` keeps only the training questions of those types (``extra.question_type``: color,
-    shape, count, exists, size, side), e.g. the demo's side warm-up; evaluation sets are never filtered.
+    ``question_types`` keeps only the training questions of those types (``extra.question_type``; held-in VQA's
+    are color, shape, count, exists, size, side), e.g. the demo's side warm-up; evaluation sets are never
+    filtered. A list applies to every training dataset (each must keep some); a mapping applies to the datasets
+    it names only, e.g. ``{shapes_vqa: [side, size]}`` keeps a mixture's other datasets whole.
     """
 
     def __init__(
@@ -188,16 +190,12 @@ class TinyShapesDataModule(InstructionDataModule):
         multipliers: dict[str, float] | None = None,
         qformer_tokenizer: str | None = None,
         llm_tokenizer: str | None = None,
-        question_types: list[str] | None = None,
+        question_types: list[str] | dict[str, list[str]] | None = None,
     ) -> None:
-        from ibkit.shapes.scenes import QA_TYPES
-
-        unknown = sorted(set(question_types or ()) - set(QA_TYPES))
-        if unknown or question_types == []:
-            raise ValueError(f"question_types: {unknown or question_types} not among {list(QA_TYPES)}")
+        train_names = list(TINY_TRAIN if datasets is None else datasets)
         root_path = Path(root)
         super().__init__(
-            datasets=list(TINY_TRAIN if datasets is None else datasets),
+            datasets=train_names,
             eval_datasets=list(TINY_EVAL if eval_datasets is None else eval_datasets),
             data_root=str(root_path),
             batch_size=batch_size,
@@ -225,20 +223,51 @@ class TinyShapesDataModule(InstructionDataModule):
         self.data_seed = data_seed
         self.render_size = render_size
         self.sizes = dict(sizes) if sizes else None
-        self.question_types = list(question_types) if question_types else None
+        self.question_types = _question_types_by_dataset(question_types, train_names)
 
     def prepare_data(self) -> None:
         prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes)
 
     def _load(self, name: str, split: str) -> list:
         samples = super()._load(name, split)
-        if self.question_types is None or split != self.train_split:
+        types = self.question_types.get(name)
+        if types is None or split != self.train_split:
             return samples
-        kept = [s for s in samples if s.extra.get("question_type") in self.question_types]
+        kept = [s for s in samples if s.extra.get("question_type") in types]
         if not kept:
-            raise ValueError(f"{name} ({split}): no training question of types {self.question_types} "
-                             f"(question_types keeps only those; the dataset has none)")
+            found = sorted({str(s.extra.get("question_type")) for s in samples})
+            raise ValueError(f"{name} ({split}): no training question of types {types} (question_types keeps "
+                             f"only those; the dataset's types: {found}); name the datasets to filter with a "
+                             f"mapping, e.g. {{shapes_vqa: {types}}}")
         return kept
+
+
+def _question_types_by_dataset(
+    question_types: list[str] | dict[str, list[str]] | None, datasets: list[str]
+) -> dict[str, list[str]]:
+    """The ``question_types`` argument as {training dataset: types kept}: a list applies to every dataset.
+
+    Refused before any data is read: an empty list, a dataset the mapping names that is not trained on, and a
+    held-in VQA type that does not exist (the other datasets' types are checked against their samples on load).
+    """
+    from ibkit.shapes.scenes import QA_TYPES
+
+    if question_types is None:
+        return {}
+    if not isinstance(question_types, dict):
+        question_types = dict.fromkeys(datasets, list(question_types))
+    else:
+        unknown_sets = sorted(set(question_types) - set(datasets))
+        if unknown_sets:
+            raise ValueError(f"question_types names {unknown_sets}, not among the training datasets {datasets}")
+    by_dataset = {}
+    for name, types in question_types.items():
+        types = list(types)
+        unknown = sorted(set(types) - set(QA_TYPES)) if name == "shapes_vqa" else []
+        if unknown or not types:
+            raise ValueError(f"question_types ({name}): {unknown or types} not among {list(QA_TYPES)}")
+        by_dataset[name] = types
+    return by_dataset
 
 
 class TinyShapesPretrainDataModule(PretrainData, TinyShapesDataModule):
