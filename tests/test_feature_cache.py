@@ -145,6 +145,38 @@ def test_changed_encoder_or_transform_invalidates_the_cache(tmp_path):
     torch.testing.assert_close(renormed[1]["image_features"].float(), fresh(enc, other_norm, 1), rtol=2e-3, atol=2e-3)
 
 
+def test_links_to_one_image_share_its_entry_and_a_relinked_path_is_a_miss(tmp_path):
+    """Keys name the file a link resolves to: a second workspace linking the same images reads the first's
+    entries without encoding anything; a link pointed at another file (same size and mtime) misses."""
+    paths = write_images(tmp_path / "img", 3)
+    rng = np.random.default_rng(1)
+    for path in paths[1:]:  # two different images of one byte size (BMP) and one mtime
+        Image.fromarray(rng.integers(0, 255, (22, 24, 3), dtype=np.uint8)).save(path, format="BMP")
+        os.utime(path, ns=(7, 7))
+    assert os.path.getsize(paths[1]) == os.path.getsize(paths[2])
+    (tmp_path / "other").mkdir()
+    links = []
+    for path in paths:
+        link = tmp_path / "other" / Path(path).name
+        link.symlink_to(path)
+        links.append(str(link))
+    enc = encoder()
+    first = cached_dataset(make_dataset(paths), enc, tmp_path / "cache", progress=False)
+    linked = make_dataset(links)
+    assert [media_key(s, 1) for s in linked.samples] == [media_key(s, 1) for s in first.samples]
+    calls = []
+    enc.register_forward_hook(lambda *_: calls.append(1))
+    again = cached_dataset(linked, enc, tmp_path / "cache", progress=False)
+    assert calls == []  # every entry found: nothing encoded
+    torch.testing.assert_close(again[1]["image_features"].float(), fresh(enc, linked, 1), rtol=2e-3, atol=2e-3)
+    Path(links[1]).unlink()
+    Path(links[1]).symlink_to(paths[2])  # same size, same mtime, another file: the old entry must not serve it
+    assert media_key(linked.samples[1], 1) == media_key(first.samples[2], 1) != media_key(first.samples[1], 1)
+    # served the entry of the file it now resolves to, which differs from the one it resolved to before
+    torch.testing.assert_close(again[1]["image_features"].float(), fresh(enc, linked, 1), rtol=2e-3, atol=2e-3)
+    assert not torch.allclose(fresh(enc, linked, 1), fresh(enc, make_dataset(paths), 1), atol=1e-2)
+
+
 def test_an_edited_image_file_is_a_miss_not_a_stale_hit(tmp_path):
     paths = write_images(tmp_path / "img", 2)
     dataset = make_dataset(paths)

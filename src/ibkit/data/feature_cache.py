@@ -13,8 +13,9 @@ Safety: a cache is keyed by
   weight, of the transform's parameters (its ``repr``) and of the storage precision; a different
   fingerprint is a different cache: stale caches of the same dataset are deleted and rebuilt, never
   read,
-* each item's media: file paths with their size and modification time (and the clip range and frame
-  count for videos), so an edited image file is a cache miss, not a stale hit.
+* each item's media: the files' real paths (symbolic links resolved) with their size and modification time
+  (and the clip range and frame count for videos), so an edited image file is a cache miss, not a stale hit,
+  and one image reached through two links (two workspaces linking one image folder) is cached once.
 
 Random transforms (``train_augment=True``: random crops) are refused: their output changes every draw.
 
@@ -128,15 +129,17 @@ def feature_fingerprint(encoder: nn.Module, transform: Callable, dtype: torch.dt
 
 
 def _file_identity(path: str) -> list:
+    """[real path, size, mtime]: the file a link resolves to, so that links to one file share its entry."""
     try:
-        stat = os.stat(path)
+        real = os.path.realpath(path)
+        stat = os.stat(real)
     except OSError:
         return [path, None, None]  # missing: the build records it as bad input
-    return [path, stat.st_size, stat.st_mtime_ns]
+    return [real, stat.st_size, stat.st_mtime_ns]
 
 
 def media_key(sample: Sample, num_frames: int) -> str:
-    """The cache key of a sample's media: paths with size and mtime (and clip range and frames for video)."""
+    """The cache key of a sample's media: real paths with size and mtime (and clip range and frames for video)."""
     if sample.video is not None:
         start, end = sample.extra.get("start"), sample.extra.get("end")
         return json.dumps({"video": _file_identity(sample.video), "frames": num_frames, "clip": [start, end]})
