@@ -177,6 +177,23 @@ def test_links_to_one_image_share_its_entry_and_a_relinked_path_is_a_miss(tmp_pa
     assert not torch.allclose(fresh(enc, linked, 1), fresh(enc, make_dataset(paths), 1), atol=1e-2)
 
 
+def test_a_cache_of_the_older_key_format_is_replaced_not_kept_beside(tmp_path, monkeypatch):
+    """Keys of format 1 named the path as given: such a cache is another fingerprint, deleted and rebuilt, so
+    its entries under the old keys do not stay on disk beside the new ones."""
+    import ibkit.data.feature_cache as feature_cache
+
+    dataset, enc = make_dataset(write_images(tmp_path / "img", 2)), encoder()
+    monkeypatch.setattr(feature_cache, "FORMAT_VERSION", 1)
+    cached_dataset(dataset, enc, tmp_path / "cache", progress=False)
+    old = _cache_dirs(tmp_path / "cache")
+    monkeypatch.undo()
+    assert feature_cache.FORMAT_VERSION > 1
+    rebuilt = cached_dataset(dataset, enc, tmp_path / "cache", progress=False)
+    new = _cache_dirs(tmp_path / "cache")
+    assert len(new) == 1 and new != old
+    torch.testing.assert_close(rebuilt[0]["image_features"].float(), fresh(enc, dataset, 0), rtol=2e-3, atol=2e-3)
+
+
 def test_an_edited_image_file_is_a_miss_not_a_stale_hit(tmp_path):
     paths = write_images(tmp_path / "img", 2)
     dataset = make_dataset(paths)

@@ -50,7 +50,9 @@ from ibkit.data.transforms import BadInputError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# in the fingerprint, so a cache of an older format is replaced, not read or kept beside the new one.
+# 2: media keys name the real file (links resolved); version 1 keyed the path as given.
+FORMAT_VERSION = 2
 # torchvision transforms whose output depends on a random draw
 _RANDOM_TRANSFORMS = {
     "ColorJitter", "RandAugment", "AutoAugment", "TrivialAugmentWide", "AugMix", "ElasticTransform",
