@@ -263,9 +263,12 @@ def _question_types_by_dataset(
     by_dataset = {}
     for name, types in question_types.items():
         types = list(types)
+        if not types:
+            raise ValueError(f"question_types ({name}): [] keeps nothing; name at least one type or leave the "
+                             f"dataset out of the mapping")
         unknown = sorted(set(types) - set(QA_TYPES)) if name == "shapes_vqa" else []
-        if unknown or not types:
-            raise ValueError(f"question_types ({name}): {unknown or types} not among {list(QA_TYPES)}")
+        if unknown:
+            raise ValueError(f"question_types ({name}): {unknown} not among {list(QA_TYPES)}")
         by_dataset[name] = types
     return by_dataset
 
