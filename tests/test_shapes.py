@@ -104,6 +104,39 @@ def test_manifest_skips_when_equal_and_regenerates_on_change(tmp_path: Path) -> 
     assert not [p for p in (tmp_path / "shapes").iterdir() if p.name.startswith(".")]  # no scratch left over
 
 
+def test_two_processes_rendering_the_same_set_keep_the_first_ones_files(tmp_path: Path, monkeypatch) -> None:
+    """Two runs started side by side on one root both find the set missing or stale and both render it. The one
+    that finishes second must neither delete the files the first put in place (its run may be reading them) nor
+    fail when the stale folder vanishes under its own delete."""
+    from ibkit.shapes import writer
+
+    names = ["shapes_vqa"]
+    folder = make_shapes(tmp_path, seed=0, sizes=TINY_SIZES, names=names, progress=False)["shapes_vqa"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    first = (folder / "train.json").stat().st_ino
+    writer._generate(folder, manifest, lambda _: None)  # the slower process, after the faster one's rename
+    assert (folder / "train.json").stat().st_ino == first  # the faster one's files were kept
+    assert not [p for p in (tmp_path / "shapes").iterdir() if p.name.startswith(".")]
+
+    # a run asking for seed 1 finds the seed-0 set stale, and another such run deletes it at the same moment
+    reseeded = manifest | {"seed": 1}
+    real_rmtree = writer.shutil.rmtree
+
+    def racing_rmtree(path, ignore_errors=False, **kwargs):
+        real_rmtree(path, ignore_errors=True)
+        if Path(path) == folder and not ignore_errors:
+            raise FileNotFoundError(path)  # what the loser of the race saw
+
+    monkeypatch.setattr(writer.shutil, "rmtree", racing_rmtree)
+    writer._generate(folder, reseeded, lambda _: None)
+    assert json.loads((folder / "train.json").read_text())["info"]["seed"] == 1
+
+    # a run with other settings got its folder in first: the error names the folder and says what to do
+    monkeypatch.setattr(writer.shutil, "rmtree", lambda path, ignore_errors=False, **kwargs: None)  # cannot delete
+    with pytest.raises(OSError, match=r"into place at .*shapes_vqa.*Give each its own root"):
+        writer._generate(folder, manifest, lambda _: None)
+
+
 def test_image_size_changes_pixels_not_layout(tmp_path: Path) -> None:
     sizes, names = {"train": 3, "val": 1}, ["shapes_caption"]
     small = make_shapes(tmp_path / "s", sizes=sizes, names=names, progress=False, image_size=64)[

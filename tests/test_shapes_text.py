@@ -119,6 +119,25 @@ def test_workspace_writes_the_corpus_only_when_asked_and_its_words_are_in_the_vo
     assert plain["llm"].is_dir()
 
 
+def test_corpus_is_written_once_per_manifest_and_rewritten_for_another_seed(tmp_path):
+    from ibkit.shapes.text_corpus import write_text_corpus
+
+    sizes = {"train": 8, "val": 4}
+    folder = write_text_corpus(tmp_path, 0, sizes)
+
+    def stamp() -> list[tuple[int, int]]:
+        return [((folder / f"{s}.json").stat().st_ino, (folder / f"{s}.json").stat().st_mtime_ns) for s in sizes]
+
+    before = stamp()
+    assert write_text_corpus(tmp_path, 0, sizes) == folder and stamp() == before  # left alone
+    write_text_corpus(tmp_path, 1, sizes)
+    assert json.loads((folder / "train.json").read_text())["info"]["seed"] == 1
+    (folder / "val.json").unlink()  # a damaged corpus is rewritten
+    write_text_corpus(tmp_path, 1, sizes)
+    assert len(json.loads((folder / "val.json").read_text())["records"]) == 4
+    assert not [p for p in (tmp_path / "shapes").iterdir() if p.name.startswith(".")]  # no scratch left over
+
+
 def test_unknown_corpus_split_is_refused():
     from ibkit.shapes.writer import split_sizes
 

@@ -198,11 +198,7 @@ def write_text_corpus(root: str | Path, seed: int, sizes: dict[str, int]) -> Pat
     written to a scratch folder first so that a crash never leaves half a corpus."""
     folder = Path(root).expanduser() / "shapes" / TEXT_CORPUS
     manifest = {"generator_version": CORPUS_VERSION, "dataset": TEXT_CORPUS, "seed": seed, "sizes": dict(sizes)}
-    try:
-        current = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        current = None
-    if current == manifest and all((folder / f"{split}.json").is_file() for split in sizes):
+    if _corpus_current(folder, manifest):
         return folder
     scratch = folder.with_name(f".{TEXT_CORPUS}.tmp-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
@@ -212,6 +208,34 @@ def write_text_corpus(root: str | Path, seed: int, sizes: dict[str, int]) -> Pat
         payload = {"info": info, "records": make_records(seed, split, count)}
         (scratch / f"{split}.json").write_text(json.dumps(payload))
     (scratch / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    shutil.rmtree(folder, ignore_errors=True)
-    scratch.rename(folder)
+    move_into_place(scratch, folder, lambda: _corpus_current(folder, manifest))
     return folder
+
+
+def _corpus_current(folder: Path, manifest: dict) -> bool:
+    try:
+        current = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return current == manifest and all((folder / f"{split}.json").is_file() for split in manifest["sizes"])
+
+
+def move_into_place(scratch: Path, folder: Path, current: Callable[[], bool]) -> None:
+    """Replace ``folder`` by the freshly written ``scratch``, safe against another process writing the same set.
+
+    Two runs started side by side on one root both find a set missing or stale and both write it. The one that
+    finishes second keeps the first one's folder (``current()`` says it holds this very set; a run may be reading
+    its files) instead of deleting it, and a stale folder that the other process deletes at the same moment is no
+    error."""
+    if current():
+        shutil.rmtree(scratch, ignore_errors=True)
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        scratch.rename(folder)
+    except OSError as error:
+        if not current():  # the other process moved its copy in between: keep it, unless it is not this set
+            raise OSError(f"could not move the new {folder.name} ({scratch}) into place at {folder}: {error}. Is "
+                          "another run writing this root with other settings (seed, sizes)? Give each its own root."
+                          ) from error
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from ibkit.shapes.render import check_image_size, render_image, save_png, write_clip
 from ibkit.shapes.specs import SPECS, SUITE
 from ibkit.shapes.tasks import maker_for
-from ibkit.shapes.text_corpus import TEXT_CORPUS, TEXT_SPLITS, write_text_corpus
+from ibkit.shapes.text_corpus import TEXT_CORPUS, TEXT_SPLITS, move_into_place, write_text_corpus
 
 # bump when the generated content changes: old folders then fail the manifest check
 # (3: several questions per shapes_vqa training picture; 4: every one of them asked the whole-picture count)
@@ -110,14 +110,7 @@ def _generate(folder: Path, manifest: dict, progress: Callable[[int], object]) -
         (scratch / media).mkdir(parents=True, exist_ok=True)
         (scratch / f"{split}.json").write_text(json.dumps({"info": info, "records": records}))
     (scratch / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    if folder.exists():
-        shutil.rmtree(folder)
-    try:
-        scratch.rename(folder)
-    except OSError:
-        if not _up_to_date(folder, manifest):  # lost a race against another process writing the same set
-            raise
-        shutil.rmtree(scratch, ignore_errors=True)
+    move_into_place(scratch, folder, lambda: _up_to_date(folder, manifest))
 
 
 def make_shapes(
