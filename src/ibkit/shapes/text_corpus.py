@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ibkit.data.registry import PROMPT_CAPTION, PROMPT_MULTIPLE_CHOICE, PROMPT_SHORT_QA
 from ibkit.data.templates import TEMPLATES, format_options, render
+from ibkit.shapes.folders import move_into_place
 from ibkit.shapes.render import COLORS, SHAPES, Scene
 from ibkit.shapes.scenes import (
     QA_TYPES,
@@ -219,23 +220,3 @@ def _corpus_current(folder: Path, manifest: dict) -> bool:
         return False
     return current == manifest and all((folder / f"{split}.json").is_file() for split in manifest["sizes"])
 
-
-def move_into_place(scratch: Path, folder: Path, current: Callable[[], bool]) -> None:
-    """Replace ``folder`` by the freshly written ``scratch``, safe against another process writing the same set.
-
-    Two runs started side by side on one root both find a set missing or stale and both write it. The one that
-    finishes second keeps the first one's folder (``current()`` says it holds this very set; a run may be reading
-    its files) instead of deleting it, and a stale folder that the other process deletes at the same moment is no
-    error."""
-    if current():
-        shutil.rmtree(scratch, ignore_errors=True)
-        return
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
-        scratch.rename(folder)
-    except OSError as error:
-        if not current():  # the other process moved its copy in between: keep it, unless it is not this set
-            raise OSError(f"could not move the new {folder.name} ({scratch}) into place at {folder}: {error}. Is "
-                          "another run writing this root with other settings (seed, sizes)? Give each its own root."
-                          ) from error
-        shutil.rmtree(scratch, ignore_errors=True)

@@ -13,10 +13,11 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ibkit.shapes.folders import move_into_place
 from ibkit.shapes.render import check_image_size, render_image, save_png, write_clip
 from ibkit.shapes.specs import SPECS, SUITE
 from ibkit.shapes.tasks import maker_for
-from ibkit.shapes.text_corpus import TEXT_CORPUS, TEXT_SPLITS, move_into_place, write_text_corpus
+from ibkit.shapes.text_corpus import TEXT_CORPUS, TEXT_SPLITS, write_text_corpus
 
 # bump when the generated content changes: old folders then fail the manifest check
 # (3: several questions per shapes_vqa training picture; 4: every one of them asked the whole-picture count)
