@@ -326,7 +326,8 @@ def test_the_work_ledger_adds_each_finished_unit_over_invocations(tmp_path, capl
 
 
 def test_steps_are_checked_before_anything_runs():
-    from ibkit.shapes.demo import TRAINED_STEPS, check_steps, demo
+    from ibkit.shapes.demo import demo
+    from ibkit.shapes.settings import TRAINED_STEPS, check_steps
 
     assert check_steps(None) == {}
     assert check_steps({"lm_binding": 0, "instruct": 5}) == {"lm_binding": 0, "instruct": 5}
@@ -341,8 +342,22 @@ def test_steps_are_checked_before_anything_runs():
         demo(output_dir="/nonexistent/never-written", steps={"stage1": 10})
 
 
+def test_another_seed_writes_beside_the_demo_and_never_over_its_results(monkeypatch):
+    import ibkit.shapes.demo as demo_module
+
+    written = []
+    monkeypatch.setattr(demo_module, "run_demo", lambda output_dir, seed, *rest: written.append((output_dir, seed)))
+    monkeypatch.setattr(demo_module, "run_ablation", lambda output_dir, seeds, *rest: written.append((output_dir, seeds)))
+    monkeypatch.setenv("IBKIT_CPU_BF16", "1")  # no timing of the CPU: the precision is not what is tested
+    demo_module.demo()
+    demo_module.demo(seed=1)
+    demo_module.demo(seed=2, output_dir="runs/mine")  # a folder given wins
+    demo_module.demo(ablation=True, seeds=(0, 3))
+    assert written == [("outputs/demo", 0), ("outputs/demo_seed1", 1), ("runs/mine", 2), ("outputs/ablation", (0, 3))]
+
+
 def test_the_fp32_policy_shortens_the_encoder_the_t5_the_side_warm_up_and_the_mixture_unless_steps_say_otherwise():
-    from ibkit.shapes.demo import FP32_STEPS, precision_steps
+    from ibkit.shapes.settings import FP32_STEPS, precision_steps
 
     assert precision_steps({}, fast_bf16=True) == {}
     assert precision_steps({"encoder": 5}, fast_bf16=False) == {**FP32_STEPS, "encoder": 5}

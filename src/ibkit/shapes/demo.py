@@ -40,6 +40,16 @@ from ibkit.shapes.runner import (
     run_commands,
     run_side_by_side,
 )
+from ibkit.shapes.settings import (
+    INSTRUCTION_TUNING,
+    LM_BINDING_LABEL,
+    LM_STEPS,
+    STEP_LABELS,
+    TRAINED_STEPS,
+    check_steps,
+    default_output_dir,
+    precision_steps,
+)
 
 log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package
@@ -262,49 +272,6 @@ def _curves(pipeline: Pipeline) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
-STEP_LABELS = {"data": "rendering the data, tokenizers",
-               "encoder": "encoder pretraining (vision words; beside the T5)",
-               "lm": "T5 on the text instruction corpus (beside the encoder and stage 1)",
-               "features": "instruction tuning's image features, cached (after the T5, beside stage 1)",
-               "blip2_stage1": "BLIP-2 stage 1 (ITC + ITM + ITG; beside the T5)", "blip2_stage2": "BLIP-2 stage 2 (prefix LM)",
-               "instruct_side": "side warm-up (side questions only)", "instruct": "instruction tuning",
-               "evaluate": "evaluation of InstructBLIP",
-               "evaluate_blip2": "evaluation of BLIP-2 (stage 2; beside instruction tuning)",
-               "probe": "the T5 alone, held-in questions from the scenes' descriptions"}
-LM_BINDING_LABEL = "T5: binding phase, then the text instruction corpus (beside the encoder and stage 1)"
-INSTRUCTION_TUNING = ("instruct_side", "instruct")  # the steps an ablation arm runs itself
-LM_STEPS = ("lm_binding", "lm")  # trained once per output directory, shared by every arm and seed
-TRAINED_STEPS = ("encoder", *LM_STEPS, "blip2_stage1", "blip2_stage2", *INSTRUCTION_TUNING)  # what --steps sets
-
-
-# Where bf16 is slow (the fp32 policy), the encoder, T5 and stage 1 take about a minute longer: the encoder, the
-# T5, the side warm-up and the mixture give up steps so that the demo keeps its 10 minutes (2-core AMD EPYC,
-# IBKIT_CPU_BF16=0: an fp32 encoder step of 32 took 0.33 s against 0.19 s, so 1,050 steps of 16 would lengthen
-# the encoder lane by about a minute; with these steps the forced demo took 8 min 21 s, and 9 min 09 s in a slower
-# hour; 9 min 00 s with instruction tuning on one thread beside BLIP-2's evaluation; docs/demo.md).
-FP32_STEPS: dict[str, int | None] = {"encoder": 700, "lm": 900, "instruct_side": 1000, "instruct": 800}
-
-
-def precision_steps(steps: dict[str, int | None], fast_bf16: bool) -> dict[str, int | None]:
-    """The demo's step lengths under the precision policy: ``steps`` as given, over :data:`FP32_STEPS` where
-    bf16 is slow (what ``--steps`` sets always wins)."""
-    return dict(steps) if fast_bf16 else {**FP32_STEPS, **steps}
-
-
-def check_steps(steps: dict[str, int | None] | None) -> dict[str, int | None]:
-    """``--steps`` as given, refused with the step names when one is not a training step (a typo would
-    otherwise train the configs' length silently) or a length is not a positive whole number."""
-    steps = dict(steps or {})
-    unknown = sorted(set(steps) - set(TRAINED_STEPS))
-    if unknown:
-        raise ValueError(f"--steps: unknown step(s) {unknown}; the training steps are {list(TRAINED_STEPS)}")
-    bad = {name: n for name, n in steps.items() if n is not None and (
-        not isinstance(n, int) or isinstance(n, bool) or n < (0 if name == "lm_binding" else 1))}
-    if bad:
-        raise ValueError(f"--steps: {bad}: each a positive whole number of training steps (lm_binding: 0 leaves it out)")
-    return steps
-
-
 def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None] | None = None,
              max_eval_samples: int | None = None, sizes: str | None = None) -> dict:
     """The six steps once (seed ``seed``), then ``results.json``, ``results.md`` and ``demo.png`` in ``output_dir``."""
@@ -493,7 +460,8 @@ def demo(output_dir: str | None = None, seed: int = 0, steps: dict[str, int] | N
     trained here), BLIP-2 stages 1 and 2, instruction tuning, zero-shot evaluation of BLIP-2 and InstructBLIP.
 
     Args:
-        output_dir: where runs, models and results go; default: outputs/demo (outputs/ablation with ``ablation``).
+        output_dir: where runs, models and results go; default: outputs/demo, outputs/demo_seed<N> for another
+            ``seed``, outputs/ablation with ``ablation``.
         seed: the run seed of the demo, also the seed its shapes data is rendered from.
         steps: training steps per pipeline step, e.g. ``'{encoder: 300, instruct: 1000}'`` (default: the configs');
             ``lm_binding: 3000`` adds the T5's binding phase (``configs/lm_binding.yaml``, off by default).
@@ -505,7 +473,7 @@ def demo(output_dir: str | None = None, seed: int = 0, steps: dict[str, int] | N
     """
     from ibkit.models.precision import pinned_cpu_bf16
 
-    output_dir = output_dir or ("outputs/ablation" if ablation else "outputs/demo")
+    output_dir = output_dir or default_output_dir(ablation, seed)
     steps = check_steps(steps)
     with pinned_cpu_bf16() as bf16:  # one precision for every step: a noisy timing must not change a result
         print(f"[demo] fast bf16 on this CPU: {'yes' if bf16 else 'no'} (decided once for every step)", flush=True)
