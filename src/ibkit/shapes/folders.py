@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+
+def holds_set(folder: Path, manifest: dict, splits: Iterable[str]) -> bool:
+    """``folder`` holds the set ``manifest`` describes: the same manifest.json and every split's annotation file."""
+    try:
+        written = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return written == manifest and all((folder / f"{split}.json").is_file() for split in splits)
 
 
 def move_into_place(scratch: Path, folder: Path, current: Callable[[], bool]) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ibkit.data.registry import PROMPT_CAPTION, PROMPT_MULTIPLE_CHOICE, PROMPT_SHORT_QA
 from ibkit.data.templates import TEMPLATES, format_options, render
-from ibkit.shapes.folders import move_into_place
+from ibkit.shapes.folders import holds_set, move_into_place
 from ibkit.shapes.render import COLORS, SHAPES, Scene
 from ibkit.shapes.scenes import (
     QA_TYPES,
@@ -199,7 +199,7 @@ def write_text_corpus(root: str | Path, seed: int, sizes: dict[str, int]) -> Pat
     written to a scratch folder first so that a crash never leaves half a corpus."""
     folder = Path(root).expanduser() / "shapes" / TEXT_CORPUS
     manifest = {"generator_version": CORPUS_VERSION, "dataset": TEXT_CORPUS, "seed": seed, "sizes": dict(sizes)}
-    if _corpus_current(folder, manifest):
+    if holds_set(folder, manifest, manifest["sizes"]):
         return folder
     scratch = folder.with_name(f".{TEXT_CORPUS}.tmp-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
@@ -209,14 +209,5 @@ def write_text_corpus(root: str | Path, seed: int, sizes: dict[str, int]) -> Pat
         payload = {"info": info, "records": make_records(seed, split, count)}
         (scratch / f"{split}.json").write_text(json.dumps(payload))
     (scratch / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    move_into_place(scratch, folder, lambda: _corpus_current(folder, manifest))
+    move_into_place(scratch, folder, lambda: holds_set(folder, manifest, manifest["sizes"]))
     return folder
-
-
-def _corpus_current(folder: Path, manifest: dict) -> bool:
-    try:
-        current = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return current == manifest and all((folder / f"{split}.json").is_file() for split in manifest["sizes"])
-

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ibkit.shapes.folders import move_into_place
+from ibkit.shapes.folders import holds_set, move_into_place
 from ibkit.shapes.render import check_image_size, render_image, save_png, write_clip
 from ibkit.shapes.specs import SPECS, SUITE
 from ibkit.shapes.tasks import maker_for
@@ -64,18 +64,8 @@ def _manifest(name: str, seed: int, image_size: int, sizes: dict[str, int]) -> d
     }
 
 
-def _read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _up_to_date(folder: Path, manifest: dict) -> bool:
-    spec = SPECS[manifest["dataset"]]
-    return _read_manifest(folder) == manifest and all(
-        (folder / f"{split}.json").is_file() for split in spec.splits
-    )
+    return holds_set(folder, manifest, SPECS[manifest["dataset"]].splits)
 
 
 def _generate(folder: Path, manifest: dict, progress: Callable[[int], object]) -> None:
@@ -160,4 +150,3 @@ def make_shapes(
 def write_tiny_shapes(root: Path, seed: int = 0, image_size: int = 64) -> dict[str, Path]:
     """A few samples of every shapes dataset (for other modules' tests)."""
     return make_shapes(root, seed=seed, sizes=dict(TINY_SIZES), image_size=image_size, progress=False)
-
