@@ -356,6 +356,55 @@ def test_another_seed_writes_beside_the_demo_and_never_over_its_results(monkeypa
     assert written == [("outputs/demo", 0), ("outputs/demo_seed1", 1), ("runs/mine", 2), ("outputs/ablation", (0, 3))]
 
 
+def test_a_second_demo_on_the_same_folder_stops_before_its_first_step_and_a_run_frees_it_however_it_ends(
+        tmp_path, monkeypatch):
+    import ibkit.shapes.demo as demo_module
+    from ibkit.shapes.folders import LOCK_NAME, claimed
+
+    out, ran = tmp_path / "out", []
+    monkeypatch.setattr(demo_module, "_run_demo", lambda folder, *rest: ran.append(("demo", folder)) or {})
+    monkeypatch.setattr(demo_module, "_run_ablation", lambda folder, *rest: ran.append(("ablation", folder)) or {})
+    with claimed(out):  # a run of this process holds the folder
+        assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+        for run in (lambda: run_demo(out), lambda: run_ablation(out / ".")):
+            with pytest.raises(RuntimeError, match=rf"{re.escape(str(out))} is in use by another ibkit demo \(pid {os.getpid()}"):
+                run()
+        assert ran == []  # refused before any step
+    assert not (out / LOCK_NAME).exists()
+    run_demo(out)
+    run_ablation(out)
+    assert ran == [("demo", out), ("ablation", out)] and not (out / LOCK_NAME).exists()
+
+    def crash(*args):
+        assert (out / LOCK_NAME).exists()  # held while the run runs
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo_module, "_run_demo", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(out)
+    assert not (out / LOCK_NAME).exists()  # the next run is not refused
+
+
+def test_a_killed_runs_lock_is_taken_over_and_a_live_or_unknown_one_is_not(tmp_path):
+    import socket
+
+    from ibkit.shapes.folders import LOCK_NAME, claimed
+
+    lock = tmp_path / LOCK_NAME
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid names no process any more
+    lock.write_text(json.dumps({"pid": finished.pid, "host": socket.gethostname()}))
+    with claimed(tmp_path):
+        assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+        lock.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))  # taken by another run meanwhile
+    assert json.loads(lock.read_text())["host"] == "elsewhere"  # not removed: it is not this run's
+    refused = rf"pid 1 on elsewhere.*delete {re.escape(str(lock))}"  # another machine's: its process is out of sight
+    with pytest.raises(RuntimeError, match=refused), claimed(tmp_path):
+        pass
+    lock.write_text("")  # a run that is writing its lock at this moment
+    with pytest.raises(RuntimeError, match="in use by another ibkit demo"), claimed(tmp_path):
+        pass
+
+
 def test_the_fp32_policy_shortens_the_encoder_the_t5_the_side_warm_up_and_the_mixture_unless_steps_say_otherwise():
     from ibkit.shapes.settings import FP32_STEPS, precision_steps
 

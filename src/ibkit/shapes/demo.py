@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ibkit.shapes.folders import claimed
 from ibkit.shapes.runner import (
     Commands,
     StepClock,
@@ -274,13 +275,19 @@ def _curves(pipeline: Pipeline) -> dict[str, list[tuple[int, float]]]:
 
 def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None] | None = None,
              max_eval_samples: int | None = None, sizes: str | None = None) -> dict:
-    """The six steps once (seed ``seed``), then ``results.json``, ``results.md`` and ``demo.png`` in ``output_dir``."""
+    """The six steps once (seed ``seed``), then ``results.json``, ``results.md`` and ``demo.png`` in ``output_dir``,
+    which no other demo may write meanwhile (:func:`~ibkit.shapes.folders.claimed`)."""
+    out = Path(output_dir).resolve()
+    with claimed(out):
+        return _run_demo(out, seed, steps, max_eval_samples, sizes)
+
+
+def _run_demo(out: Path, seed: int, steps: dict[str, int | None] | None, max_eval_samples: int | None,
+              sizes: str | None) -> dict:
     from ibkit.shapes.probe import held_in_from_text
     from ibkit.shapes.report import plot_pipeline, results_markdown
     from ibkit.shapes.specs import chance_level
 
-    out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline(out, out, seed=seed, data_seed=seed, sizes=sizes, steps=dict(steps or {}),
                         max_eval_samples=max_eval_samples)
     labels = {**STEP_LABELS, **({"lm": LM_BINDING_LABEL} if pipeline.steps.get("lm_binding") else {})}
@@ -358,13 +365,18 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
     The seed changes the instruction-tuning run (mixture order, initial state of the random generators)
     while the data stays the one rendered from seed 0. Finished runs are kept: a rerun skips every step
     whose checkpoint exists and every (arm, seed) whose ``results.json`` exists, so an interrupted
-    ablation resumes where it stopped.
+    ablation resumes where it stopped. No other demo may write ``output_dir`` meanwhile.
     """
+    out = Path(output_dir).resolve()
+    with claimed(out):
+        return _run_ablation(out, seeds, steps, max_eval_samples, sizes)
+
+
+def _run_ablation(out: Path, seeds: tuple[int, ...], steps: dict[str, int | None] | None,
+                  max_eval_samples: int | None, sizes: str | None) -> dict:
     from ibkit.shapes.report import ablation_markdown, plot_ablation
     from ibkit.shapes.specs import chance_level
 
-    out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     base = Pipeline(out, out, sizes=sizes, steps=dict(steps or {}), max_eval_samples=max_eval_samples)
     swapped = Pipeline(out, out / "swapped_encoder", sizes=sizes, steps=dict(steps or {}),
