@@ -260,7 +260,7 @@ def _live_leases(directory: Path) -> list[str]:
     for lease in directory.glob(f"{LEASE_PREFIX}*"):
         lease_host, _, rest = lease.name[len(LEASE_PREFIX):].rpartition("-")[0].rpartition("-")
         pid = int(rest) if rest.isdigit() else -1
-        if lease_host == host and pid > 0 and not _process_alive(pid):
+        if lease_host == host and pid > 0 and not process_alive(pid):
             with contextlib.suppress(OSError):  # a read-only folder: the dead lease stays, and still does not count
                 lease.unlink(missing_ok=True)
             continue
@@ -268,7 +268,8 @@ def _live_leases(directory: Path) -> list[str]:
     return holders
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine exists (signal 0 only asks; another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -11,6 +11,8 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from ibkit.data.feature_store import process_alive
+
 LOCK_NAME = ".ibkit-demo.lock"  # in a demo's output folder while a run writes there
 
 
@@ -49,13 +51,7 @@ def _holder_alive(holder: dict) -> bool:
     of this machine that no longer exists); a lock of another machine, or unreadable, counts as held."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int) or os.name == "nt":
         return True  # no way to look at another machine's processes (nor, without killing it, a Windows one)
-    try:
-        os.kill(holder["pid"], 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
+    return process_alive(holder["pid"])
 
 
 @contextlib.contextmanager
