@@ -232,3 +232,15 @@ def test_prediction_records_hold_the_prompt_and_the_settings(kind):
     assert ranked[1]["prompt"] == "p two"
     assert ranked[0]["ranking"]["candidate_ends_with_eos"] is (kind == "t5")
     assert all(math.isfinite(v) for r in ranked for v in r["scores"])
+
+
+def test_prediction_records_name_the_qformer_wording_only_where_it_differs():
+    model = tiny_model(T5_TEXT)
+    tok = tiny_llm_tokenizer("t5")
+    batch = {**hf_inputs(batch=2), "sample_ids": ["a", "b"], "answers": [["w5"], ["w6"]],
+             "candidates": [["w5", "w6"], ["w8", "w9"]], "labels_idx": [0, 1], "instructions": ["p one", "p two"],
+             "qformer_instructions": ["q own", "p two"]}
+    for spec in ("gqa", "vsr"):  # generated and ranked
+        records = predict_batch(model, batch, get_spec(spec), tok, {"max_new_tokens": 2, "num_beams": 1})
+        assert [r["prompt"] for r in records] == ["p one", "p two"]
+        assert records[0]["qformer_prompt"] == "q own" and "qformer_prompt" not in records[1]

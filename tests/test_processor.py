@@ -39,6 +39,19 @@ def test_text_is_truncated_on_the_left():
     assert q[-1] == "[SEP]" and "12" in q[-2]
 
 
+def test_qformer_text_is_what_the_qformer_reads_and_text_what_the_llm_reads():
+    proc = Processor(qformer_tokenizer(), tiny_llm_tokenizer("t5"))
+    plain, own = proc(text=["w5 w6", "w7"]), proc(text=["w5 w6", "w7"], qformer_text=["is the cat left", "w7"])
+    assert torch.equal(own["input_ids"], plain["input_ids"])
+    expected = proc.qformer_tokenizer(["is the cat left", "w7"], padding=True, return_tensors="pt")
+    assert torch.equal(own["qformer_input_ids"], expected["input_ids"])
+    assert torch.equal(own["qformer_attention_mask"], expected["attention_mask"])
+    with pytest.raises(ValueError, match="qformer_text has 1 text"):
+        proc(text=["a", "b"], qformer_text="a")
+    with pytest.raises(ValueError, match="give `text` as well"):
+        proc(qformer_text="a")
+
+
 @pytest.mark.parametrize("kind", ["t5", "llama"])
 def test_generate_text_round_trip(kind, tmp_path):
     model = tiny_model({"t5": T5_TEXT, "llama": LLAMA_TEXT}[kind], qformer_vocab=30523)

@@ -80,13 +80,21 @@ class Processor:
         pad = pad_id(tokenizer, "prompt", allow_eos=True)
         return {"input_ids": pad_rows(rows, pad, left), "attention_mask": row_mask(rows, left)}
 
-    def __call__(self, images: Any = None, text: str | list[str] | None = None, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    def __call__(self, images: Any = None, text: str | list[str] | None = None, padding_side: str = "right",
+                 qformer_text: str | list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Pixels and both tokenizations of ``text``; ``qformer_text`` (one per text) gives the Q-Former another
+        wording to read instead, as a record's ``qformer_question`` does in training."""
         out: dict[str, torch.Tensor] = {}
         if images is not None:
             out["pixel_values"] = self.images(images)
+        if qformer_text is not None and text is None:
+            raise ValueError("qformer_text is the Q-Former's wording of `text`: give `text` as well")
         if text is not None:
             text = [text] if isinstance(text, str) else list(text)
-            q = self.tokenize(self.qformer_tokenizer, text, self.max_qformer_length, "right")
+            own = text if qformer_text is None else [qformer_text] if isinstance(qformer_text, str) else list(qformer_text)
+            if len(own) != len(text):
+                raise ValueError(f"qformer_text has {len(own)} text(s) for {len(text)} prompt(s): give one per prompt")
+            q = self.tokenize(self.qformer_tokenizer, own, self.max_qformer_length, "right")
             out["qformer_input_ids"], out["qformer_attention_mask"] = q["input_ids"], q["attention_mask"]
             p = self.tokenize(self.llm_tokenizer, text, self.max_prompt_length, padding_side)
             out["input_ids"], out["attention_mask"] = p["input_ids"], p["attention_mask"]

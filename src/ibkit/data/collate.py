@@ -162,6 +162,9 @@ class InstructionCollator:
         for item in kept:
             if not isinstance(item.get("instruction"), str):
                 raise ValueError(f"{item['dataset']}/{item['sample_id']}: no instruction text to tokenize")
+            if not isinstance(item.get("qformer_instruction") or "", str):
+                raise ValueError(f"{item['dataset']}/{item['sample_id']}: the Q-Former's instruction should be a "
+                                 f"string, got {type(item['qformer_instruction']).__name__}")
         targets = None
         if self.mode == "train":
             missing = [
@@ -175,8 +178,10 @@ class InstructionCollator:
                 )
             targets = batch["targets"]
         batch["pixel_values"] = self._stack_pixels(kept)
+        # the Q-Former reads a record's own wording where it gives one (Sample.qformer_question), else the LLM's
+        batch["qformer_instructions"] = [item.get("qformer_instruction") or item["instruction"] for item in kept]
         batch["qformer_input_ids"], batch["qformer_attention_mask"] = self.tokenize_qformer(
-            batch["instructions"]
+            batch["qformer_instructions"]
         )
         batch.update(self.tokenize_llm(batch["instructions"], targets))
         if self.mode == "generate":

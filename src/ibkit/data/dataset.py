@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ibkit.data.sample import Sample
-from ibkit.data.templates import fill_instruction, template_rng, zero_shot_instruction
+from ibkit.data.templates import fill_instruction, template_rng, with_zero_shot_instructions
 from ibkit.data.transforms import BadInputError, ImageTransform, load_image
 from ibkit.data.video import load_video
 
@@ -106,7 +106,9 @@ class InstructionDataset(Dataset):
                 augment_seed = rng.getrandbits(63)
             else:
                 if sample.instruction is None:
-                    sample = replace(sample, instruction=zero_shot_instruction(sample, self.spec))
+                    sample = with_zero_shot_instructions(sample, self.spec)
+                elif sample.qformer_question is not None and sample.qformer_instruction is None:
+                    sample = replace(sample, qformer_instruction=sample.qformer_question)  # as written
                 augment_seed = None
         except (KeyError, ValueError, TypeError, IndexError) as error:
             raise BadInputError(
@@ -118,6 +120,7 @@ class InstructionDataset(Dataset):
         return {
             "pixel_values": pixel_values,
             "instruction": sample.instruction,
+            "qformer_instruction": sample.qformer_instruction,
             "target": sample.target,
             "sample_id": sample.sample_id,
             "dataset": sample.dataset,

@@ -12,6 +12,9 @@ class Sample:
 
     Readers fill the raw fields (``question``, ``answers`` ...); the template stage fills
     ``instruction`` (the text both the Q-Former and the LLM see) and ``target`` (the training answer).
+    A record may give the Q-Former a question of its own (``qformer_question``: another wording of the
+    same request); the same template then fills ``qformer_instruction`` from it, and the LLM still reads
+    ``instruction``.
     """
 
     dataset: str
@@ -27,3 +30,5 @@ class Sample:
     ocr_tokens: list[str] | None = None  # scene-text tokens (TextCaps, TextVQA, OCR-VQA)
     context: str | None = None  # ScienceQA lecture/hint, dialog history, earlier conversation turns
     extra: dict[str, Any] = field(default_factory=dict)  # dataset-specific fields (e.g. question_type)
+    qformer_question: str | None = None  # the Q-Former's own wording of ``question``; None: it reads the LLM's
+    qformer_instruction: str | None = None  # ``qformer_question`` in the template of ``instruction``

@@ -326,9 +326,25 @@ def fill_instruction(sample: Sample, template_set: str, rng: random.Random, clea
     target = choose_target(sample, rng)
     if clean_captions and target is not None and template_set in CAPTION_TEMPLATE_SETS:
         target = clean_caption(target)
-    return replace(sample, instruction=instruction, target=target, extra=dict(sample.extra))
+    return replace(sample, instruction=instruction, target=target, extra=dict(sample.extra),
+                   qformer_instruction=qformer_instruction(sample, template))
+
+
+def qformer_instruction(sample: Sample, template: str) -> str | None:
+    """``template`` filled with the Q-Former's own question (``sample.qformer_question``), the other fields as
+    for the LLM; None when the record has none (the Q-Former then reads the LLM's instruction)."""
+    if sample.qformer_question is None:
+        return None
+    return render(template, _SampleFields(replace(sample, question=sample.qformer_question)))
 
 
 def zero_shot_instruction(sample: Sample, spec: DatasetSpec) -> str:
     """The fixed evaluation prompt of ``spec`` (paper's zero-shot protocol) filled for ``sample``."""
     return render(spec.prompt, _SampleFields(sample))
+
+
+def with_zero_shot_instructions(sample: Sample, spec: DatasetSpec) -> Sample:
+    """``sample`` with ``spec``'s evaluation prompt filled for the LLM and, given a question of its own, the
+    Q-Former."""
+    return replace(sample, instruction=zero_shot_instruction(sample, spec),
+                   qformer_instruction=qformer_instruction(sample, spec.prompt))

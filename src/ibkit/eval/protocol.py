@@ -100,6 +100,7 @@ def predict_batch(
     if not batch.get("sample_ids"):
         return []
     prompts = batch.get("prompts") or batch.get("instructions") or [None] * len(batch["sample_ids"])
+    own = _qformer_own_texts(batch)
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if "image_features" in batch:
         inputs["image_features"] = batch["image_features"]
@@ -112,7 +113,7 @@ def predict_batch(
         for i, text in enumerate(texts):
             records.append(
                 {"sample_id": batch["sample_ids"][i], "prediction": text, "answers": batch["answers"][i],
-                 "prompt": prompts[i], "generation": dict(kwargs)}
+                 "prompt": prompts[i], **own[i], "generation": dict(kwargs)}
             )
         return records
     candidates = batch["candidates"]
@@ -139,10 +140,19 @@ def predict_batch(
                 "candidates": list(row),
                 "scores": [round(float(v), 5) for v in s],
                 "prompt": prompts[i],
+                **own[i],
                 "ranking": ranking,
             }
         )
     return records
+
+
+def _qformer_own_texts(batch: dict[str, Any]) -> list[dict[str, str]]:
+    """Per row, ``{"qformer_prompt": text}`` where the Q-Former read a wording of its own (a record's
+    ``qformer_question``), else nothing: prediction files of records without one keep their keys."""
+    own = batch.get("qformer_instructions") or [None] * len(batch["sample_ids"])
+    llm = batch.get("instructions") or [None] * len(batch["sample_ids"])
+    return [{"qformer_prompt": q} if q is not None and q != t else {} for q, t in zip(own, llm)]
 
 
 class DatasetEvaluator:

@@ -22,9 +22,11 @@ def _check_record(record: object) -> str | None:
     answers = record.get("answers")
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         return "'answers' must be a non-empty list of strings"
-    for key in ("question", "context", "target"):
+    for key in ("question", "qformer_question", "context", "target"):
         if key in record and not isinstance(record[key], str):
             return f"'{key}' must be a string"
+    if "qformer_question" in record and "question" not in record:
+        return "'qformer_question' (the Q-Former's wording of the question) needs 'question'"
     for key in ("candidates", "ocr_tokens"):
         if key in record and not (
             isinstance(record[key], list) and all(isinstance(v, str) for v in record[key])
@@ -72,6 +74,7 @@ def read_shapes(paths: dict[str, Path], split: str, skips: SkipCounter | None = 
                 image=str(media_root / record["image"]) if "image" in record else None,
                 video=str(media_root / record["video"]) if "video" in record else None,
                 question=record.get("question"),
+                qformer_question=record.get("qformer_question"),
                 answers=list(record["answers"]),
                 target=record.get("target"),
                 candidates=list(record["candidates"]) if "candidates" in record else None,

@@ -79,7 +79,8 @@ def read_custom_jsonl(
     task: str = "generate",
 ) -> list[Sample]:
     """One JSON object a line: ``image`` (a path or a list of paths) or ``video``, ``question`` (or
-    ``instruction``), ``answer`` or ``answers``, optional ``id``, ``context``, ``choices`` and ``label``.
+    ``instruction``), ``answer`` or ``answers``, optional ``id``, ``context``, ``choices``, ``label`` and
+    ``qformer_question`` (another wording of the question for the Q-Former alone; the LLM reads ``question``).
 
     ``task="rank"`` needs ``choices`` on every record. ``id`` defaults to the line number; ids must be
     unique in a file (predictions and resuming are keyed by them).
@@ -104,6 +105,11 @@ def read_custom_jsonl(
         else:
             image = media_path(paths["images"], expect_str(record, "image"))
         question = _question(record)
+        qformer_question = None
+        if record.get("qformer_question") is not None:
+            qformer_question = expect_str(record, "qformer_question").strip()
+            if not qformer_question:
+                raise BadRecord("field 'qformer_question' is empty (leave it out to give the Q-Former 'question')")
         answers = _answers(record)
         context = record.get("context")
         if context is not None and not isinstance(context, str):
@@ -122,7 +128,7 @@ def read_custom_jsonl(
         return Sample(
             dataset, record_id, image=image, video=video, question=question, answers=answers,
             target=choices[label] if choices is not None and label is not None else None,
-            candidates=choices, label=label, context=context or None,
+            candidates=choices, label=label, context=context or None, qformer_question=qformer_question,
         )
 
     records = [(f"line {n}", record) for n, record in load_jsonl(path, dataset, skips)]
