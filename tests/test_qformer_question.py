@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from test_transforms_collate import qformer_tokenizer, t5_tokenizer
 
@@ -92,11 +93,8 @@ def test_collated_qformer_ids_read_the_own_wording_and_the_llm_ids_the_question(
 
 
 def test_a_qformer_instruction_that_is_not_text_is_refused_naming_the_record():
-    row = {"pixel_values": None, "instruction": "q", "qformer_instruction": ["q"], "target": "a", "sample_id": "r7",
-           "dataset": "d"}
-    import torch
-
-    row["pixel_values"] = torch.zeros(3, 4, 4)
+    row = {"pixel_values": torch.zeros(3, 4, 4), "instruction": "q", "qformer_instruction": ["q"], "target": "a",
+           "sample_id": "r7", "dataset": "d"}
     with pytest.raises(ValueError, match=r"d/r7: the Q-Former's instruction should be a string, got list"):
         InstructionCollator(qformer_tokenizer(), t5_tokenizer(), True, mode="train")([row])
 

@@ -327,10 +327,10 @@ def fill_instruction(sample: Sample, template_set: str, rng: random.Random, clea
     if clean_captions and target is not None and template_set in CAPTION_TEMPLATE_SETS:
         target = clean_caption(target)
     return replace(sample, instruction=instruction, target=target, extra=dict(sample.extra),
-                   qformer_instruction=qformer_instruction(sample, template))
+                   qformer_instruction=own_qformer_instruction(sample, template))
 
 
-def qformer_instruction(sample: Sample, template: str) -> str | None:
+def own_qformer_instruction(sample: Sample, template: str) -> str | None:
     """``template`` filled with the Q-Former's own question (``sample.qformer_question``), the other fields as
     for the LLM; None when the record has none (the Q-Former then reads the LLM's instruction)."""
     if sample.qformer_question is None:
@@ -347,4 +347,4 @@ def with_zero_shot_instructions(sample: Sample, spec: DatasetSpec) -> Sample:
     """``sample`` with ``spec``'s evaluation prompt filled for the LLM and, given a question of its own, the
     Q-Former."""
     return replace(sample, instruction=zero_shot_instruction(sample, spec),
-                   qformer_instruction=qformer_instruction(sample, spec.prompt))
+                   qformer_instruction=own_qformer_instruction(sample, spec.prompt))
