@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from ibkit.shapes.demo import ABLATIONS, CONFIGS, HELD_OUT, MODELS, run_ablation, run_demo
@@ -37,7 +38,7 @@ def test_demo_configs_share_their_data_and_their_networks():
     from ibkit.data.sampler import mixture_weights
     from ibkit.shapes import split_sizes
 
-    configs = {name: _config(name) for name in ("encoder", "encoder_clip", "lm", *STAGES)}
+    configs = {name: _config(name) for name in ("encoder", "encoder_clip", "lm", "qformer_text", *STAGES)}
     # one rendering serves every step: another root, seed or size would render again and renumber the words
     for key in DATA_KEYS:
         assert len({json.dumps(c["data"]["init_args"][key], sort_keys=True) for c in configs.values()}) == 1, key
@@ -53,6 +54,12 @@ def test_demo_configs_share_their_data_and_their_networks():
     assert [q.pop("instruction_aware") for q in qformers.values()] == [True, False, True]
     assert len({json.dumps(q, sort_keys=True) for q in qformers.values()}) == 1
     assert qformers["instruct"]["vocab_size"] == _network(configs["blip2_stage1"])["dec_token_id"] + 1
+    # the Q-Former's BERT (qformer_text.yaml) has its text side's shape, so init_from can copy it one to one
+    bert = configs["qformer_text"]["model"]["init_args"]["config"]
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings"):
+        assert bert[key] == qformers["blip2_stage1"][key], key
+    assert bert["vocab_size"] == _network(configs["blip2_stage1"])["dec_token_id"]  # [DEC] is appended after it
     # the held-in mixture mixes unequal sizes, so the uniform-mixing arm compares a really different mixture
     data = configs["instruct"]["data"]["init_args"]
     train = {name: split_sizes(name, data["sizes"])["train"] for name in data["datasets"]}
@@ -331,13 +338,14 @@ def test_steps_are_checked_before_anything_runs():
 
     assert check_steps(None) == {}
     assert check_steps({"lm_binding": 0, "instruct": 5}) == {"lm_binding": 0, "instruct": 5}
+    assert check_steps({"qformer_text": 0}) == {"qformer_text": 0}  # an optional step left out
     with pytest.raises(ValueError, match=r"unknown step\(s\) \['instrcut'\]"):
         check_steps({"instrcut": 2000})
     with pytest.raises(ValueError, match="'encoder': 0"):
         check_steps({"encoder": 0})  # 0 would silently mean the config's length
     with pytest.raises(ValueError, match="'lm': 1.5"):
         check_steps({"lm": 1.5})
-    assert set(TRAINED_STEPS) == {"encoder", "lm_binding", "lm", *STAGES, "instruct_side"}
+    assert set(TRAINED_STEPS) == {"encoder", "qformer_text", "lm_binding", "lm", *STAGES, "instruct_side"}
     with pytest.raises(ValueError, match="unknown step"):  # refused by the command before the first step
         demo(output_dir="/nonexistent/never-written", steps={"stage1": 10})
 
@@ -440,3 +448,31 @@ def test_the_binding_phase_runs_first_and_the_corpus_step_starts_from_it(tmp_pat
     start, end = (load_file(folder / "model.safetensors") for folder in (tmp_path / "lm_binding" / "model", pipeline.lm))
     assert start.keys() == end.keys()
     assert max((start[k] - end[k]).abs().max().item() for k in start) < 1e-3
+
+
+@pytest.mark.slow
+def test_the_qformers_bert_is_pretrained_once_and_stage_1_starts_from_it(tmp_path):
+    from ibkit.convert.bert_init import read_bert_weights
+    from ibkit.shapes.demo import Pipeline, run_commands
+    from ibkit.training.checkpoint import load_checkpoint_file
+
+    sizes = "{train: 12, val: 6, test: 6, shapes_text.train: 64, shapes_text.val: 8}"
+    off = Pipeline(tmp_path, tmp_path, sizes=sizes, steps={"qformer_text": 0})
+    assert off.qformer_bert is None and "qformer_text" not in " ".join(off.blip2_stage1()[0])
+    pipeline = Pipeline(tmp_path, tmp_path / "arm", sizes=sizes,
+                        steps={"qformer_text": 2, "encoder": 1, "blip2_stage1": 1})
+    assert pipeline.qformer_bert == tmp_path / "qformer_text" / "model"  # beside the data: shared by every arm
+    pipeline.prepare_data()
+    run_commands([*pipeline.qformer_text(), *pipeline.encoder()])
+    config = yaml.safe_load((tmp_path / "qformer_text" / "config.yaml").read_text())
+    assert config["data"]["init_args"]["question_texts_of"] == ["shapes_vqa"] and config["trainer"]["max_steps"] == 2
+    bert = read_bert_weights(pipeline.qformer_bert)
+    # stage 1 with a zero learning rate: its Q-Former's text side is the BERT's, as the step leaves it
+    run_commands([[*pipeline.blip2_stage1()[0], "--model.init_args.optim.lr=1e-12",
+                   "--model.init_args.optim.warmup_start_lr=0", "--model.init_args.optim.min_lr=0"]])
+    state = load_checkpoint_file(pipeline.ckpt("blip2_stage1"))["state_dict"]
+    qformer = {k.split("qformer.", 1)[1]: v for k, v in state.items() if ".qformer." in f".{k}"}
+    for ours, theirs in (("encoder.layer.1.attention.attention.value.weight", "encoder.layer.1.attention.self.value.weight"),
+                         ("encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.intermediate.dense.weight"),
+                         ("encoder.layer.0.intermediate_query.dense.weight", "encoder.layer.0.intermediate.dense.weight")):
+        assert torch.allclose(qformer[ours], bert[theirs], atol=1e-6), ours

@@ -9,7 +9,8 @@ is reported per). A malformed record is an error naming the file and the record.
 Batches follow :mod:`ibkit.data.collate`'s conventions: prompts framed by the tokenizer's special tokens
 and cut on the left, targets + EOS cut on the right, labels -100 on padding (and, for a causal LM, on the
 prompt). Validation batches also carry the prompt alone (``gen_input_ids``; left-padded for a causal LM)
-for greedy answers.
+for greedy answers. For masked-language modelling (:class:`MaskedTextCollator`) a batch is each record's
+prompt alone, framed as the tokenizer frames a text (BERT: ``[CLS] ... [SEP]``).
 """
 
 from __future__ import annotations
@@ -150,6 +151,24 @@ class TextPairCollator:
         return batch
 
 
+class MaskedTextCollator:
+    """Records -> ``input_ids`` / ``attention_mask`` of each prompt (framed by the tokenizer's special tokens,
+    content cut on the left to ``max_len``; the target is not read) and ``kinds``: the text a masked LM
+    learns from (the masking itself is the model's, :mod:`ibkit.training.masked_lm`)."""
+
+    def __init__(self, tokenizer: Any, max_len: int = 64) -> None:
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self.frame = special_token_frame(tokenizer)
+        if max_len <= len(self.frame[0]) + len(self.frame[1]):
+            raise ValueError(f"max_len={max_len} leaves no room for the text")
+        self.pad_id = pad_id(tokenizer, "masked-LM", allow_eos=False)
+
+    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        rows = tokenize_prompts(self.tokenizer, [r["prompt"] for r in records], self.max_len, self.frame)
+        return {"ids": [r["id"] for r in records], "kinds": [r["kind"] for r in records],
+                "input_ids": pad_rows(rows, self.pad_id, False), "attention_mask": row_mask(rows, False)}
+
+
 class LengthGroupedBatches(Sampler[list[int]]):
     """Training batches of similar prompt lengths, so little of a batch is padding (a prompt padded to the
     batch's longest costs as much as the longest): every epoch a fresh seeded permutation (seed, epoch),
@@ -206,15 +225,17 @@ class TextDataModule(LightningDataModule):
         self.tokenizer_path = tokenizer
         self.tokenizer: Any = None
         self.is_encoder_decoder = is_encoder_decoder
+        self.masked = False  # set by connect(): batches for a masked LM (the prompts alone)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_prompt_len, self.max_target_len = max_prompt_len, max_target_len
         self.max_eval_samples, self.num_workers, self.seed = max_eval_samples, num_workers, seed
         self.train_set: TextPairDataset | None = None
         self.val_set: TextPairDataset | None = None
 
-    def connect(self, tokenizer: Any | None, is_encoder_decoder: bool) -> Any:
-        """Take the model's tokenizer and LM kind (a tokenizer folder named here wins); returns the tokenizer."""
-        self.is_encoder_decoder = bool(is_encoder_decoder)
+    def connect(self, tokenizer: Any | None, is_encoder_decoder: bool, masked: bool = False) -> Any:
+        """Take the model's tokenizer and LM kind (a tokenizer folder named here wins); returns the tokenizer.
+        ``masked``: the model is a masked LM (BERT), which reads the prompts alone (:class:`MaskedTextCollator`)."""
+        self.is_encoder_decoder, self.masked = bool(is_encoder_decoder), masked
         if self.tokenizer is None:
             if self.tokenizer_path is not None:
                 from transformers import AutoTokenizer
@@ -238,9 +259,11 @@ class TextDataModule(LightningDataModule):
         """The records of ``split`` ("train" or "val"): its files; a subclass may make them instead."""
         return TextPairDataset(self.train_files if split == "train" else self.val_files)
 
-    def _collator(self, generate: bool) -> TextPairCollator:
+    def _collator(self, generate: bool) -> TextPairCollator | MaskedTextCollator:
         if self.tokenizer is None or self.is_encoder_decoder is None:
             raise RuntimeError("TextDataModule.connect(tokenizer, is_encoder_decoder) must run before the loaders")
+        if self.masked:
+            return MaskedTextCollator(self.tokenizer, self.max_prompt_len)
         return TextPairCollator(self.tokenizer, self.is_encoder_decoder, self.max_prompt_len, self.max_target_len,
                                 generate=generate)
 

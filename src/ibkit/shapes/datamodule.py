@@ -287,13 +287,19 @@ class ShapesTextDataModule(TextDataModule):
     ``focus_kinds`` trains and validates instead on as many fresh records of only those kinds, about scenes
     of ``focus_objects`` (low, high) objects, made in memory (the same words, so the tokenizers still
     cover them): the demo's optional binding phase (``lm_binding.yaml``).
+
+    ``question_texts_of`` adds, for a masked LM (the demo's miniature BERT, ``qformer_text.yaml``), the
+    training questions of these image datasets to the training text, each twice: as asked, and in the
+    short-answer prompt ("Question: ... Short answer:"), the wording the Q-Former reads most. Their
+    answers need the image, so a seq2seq LM may not train on them.
     """
 
     def __init__(self, root: str = "outputs/tiny", data_seed: int = 0, render_size: int = 64,
                  sizes: dict[str, int] | None = None, tokenizer: str | None = None, batch_size: int = 64,
                  eval_batch_size: int | None = None, max_prompt_len: int = 192, max_target_len: int = 32,
                  max_eval_samples: int | None = None, num_workers: int = 0, seed: int = 0,
-                 focus_kinds: list[str] | None = None, focus_objects: tuple[int, int] = (1, 4)) -> None:
+                 focus_kinds: list[str] | None = None, focus_objects: tuple[int, int] = (1, 4),
+                 question_texts_of: list[str] | None = None) -> None:
         from ibkit.shapes.text_corpus import TEXT_CORPUS, make_focused_records
         from ibkit.shapes.writer import wants_text_corpus
 
@@ -311,6 +317,7 @@ class ShapesTextDataModule(TextDataModule):
         self.focus = None if focus_kinds is None else (list(focus_kinds), tuple(focus_objects))
         if self.focus is not None:  # no records yet (setup makes them), but a wrong kind or range fails now
             make_focused_records(data_seed, "train", 0, *self.focus)
+        self.question_texts_of = list(question_texts_of or [])
 
     def prepare_data(self) -> None:
         prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes)
@@ -321,6 +328,35 @@ class ShapesTextDataModule(TextDataModule):
 
         count = self.sizes.get(f"{TEXT_CORPUS}.{split}", 0)
         if self.focus is None or not count:
-            return super().dataset(split)
-        records = make_focused_records(self.data_seed, split, count, *self.focus)
-        return TextPairDataset.of_records(records, f"focused text records ({split})")
+            dataset = super().dataset(split)
+        else:
+            records = make_focused_records(self.data_seed, split, count, *self.focus)
+            dataset = TextPairDataset.of_records(records, f"focused text records ({split})")
+        if split == "train" and self.question_texts_of:
+            dataset.records += question_text_records(self.root, self.question_texts_of)
+        return dataset
+
+    def _collator(self, generate: bool) -> Any:
+        if self.question_texts_of and not self.masked:  # known once the model has connected (after setup)
+            raise ValueError(f"question_texts_of={self.question_texts_of}: these questions' answers need the image; "
+                             "only a masked LM (MaskedLMModule) may read them as text")
+        return super()._collator(generate)
+
+
+def question_text_records(root: Path, datasets: list[str]) -> list[dict[str, Any]]:
+    """The training questions of ``datasets`` (folders of ``<root>/shapes``) as text records: each question as
+    asked and in the short-answer prompt, its first answer as the target."""
+    records = []
+    for name in datasets:
+        path = root / "shapes" / name / "train.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"question_texts_of: {path} not found (is {name!r} a shapes dataset "
+                                    "of this workspace?)")
+        for index, record in enumerate(json.loads(path.read_text())["records"]):
+            question, answers = record.get("question"), record.get("answers")
+            if not isinstance(question, str) or not question.strip() or not answers:
+                raise ValueError(f"{path}: record {index} (id {record.get('id')!r}) has no question and answer")
+            for prompt in (question, f"Question: {question} Short answer:"):
+                records.append({"id": str(record.get("id", index)), "prompt": prompt, "target": str(answers[0]),
+                                "answers": [str(answers[0])], "kind": f"{name}_question"})
+    return records

@@ -8,7 +8,8 @@ module (package data), printed as it runs:
 1. ``encoder``: an image encoder pretrained on shapes images (caption words detected in image tokens);
 2. ``lm``: a small T5 trained on a text-only instruction corpus about scene descriptions (the FlanT5 stand-in),
    after an optional binding phase (``--steps '{lm_binding: 3000}'``, ``configs/lm_binding.yaml``);
-3. ``blip2_stage1``: BLIP-2 stage 1 (ITC + ITM + ITG) with the encoder frozen;
+3. ``blip2_stage1``: BLIP-2 stage 1 (ITC + ITM + ITG) with the encoder frozen, the Q-Former afresh or from a BERT
+   (the optional step ``qformer_text``: masked LM on the text, ``configs/qformer_text.yaml``);
 4. ``blip2_stage2``: BLIP-2 stage 2 (prefix LM on captions) with encoder and T5 frozen;
 5. ``instruct_side``: a warm-up of the Q-Former on the held-in side questions alone (the demo's departure
    from the paper, see ``configs/instruct_side.yaml``), then ``instruct``: instruction tuning of the
@@ -44,8 +45,8 @@ from ibkit.shapes.runner import (
 from ibkit.shapes.settings import (
     INSTRUCTION_TUNING,
     LM_BINDING_LABEL,
-    LM_STEPS,
     STEP_LABELS,
+    TEXT_STEPS,
     TRAINED_STEPS,
     check_steps,
     default_output_dir,
@@ -94,6 +95,11 @@ class Pipeline:
     def lm(self) -> Path:
         return self.out / "lm" / "model"  # the LM is the same for every arm: trained once per output dir
 
+    @property
+    def qformer_bert(self) -> Path | None:
+        """The Q-Former's BERT (the ``qformer_text`` step's export) where the run has that step, else None."""
+        return self.out / "qformer_text" / "model" if self.steps.get("qformer_text") else None
+
     def ckpt(self, step: str) -> Path:
         return self.run(step) / "checkpoints" / "last.ckpt"
 
@@ -126,7 +132,7 @@ class Pipeline:
 
     def fit(self, step: str, config: str, extra: list[str], export: bool = False, swappable: bool = True,
             stacked: Sequence[str] = ()) -> Commands:
-        run = self.out / step if step in LM_STEPS else self.run(step)  # the LM: once per output dir
+        run = self.out / step if step in TEXT_STEPS else self.run(step)  # the text steps: once per output dir
         args = [*self._configs(config, swappable, stacked), *self._data(), *self._trainer(run, self.steps.get(step)),
                 *extra]
         commands = [["fit", *args]]
@@ -162,6 +168,12 @@ class Pipeline:
                 *self.fit("lm", "lm", [*tokenizer, f"--model.init_args.language_model={json.dumps(start)}"], export=True,
                           swappable=False)]
 
+    def qformer_text(self) -> Commands:
+        """The optional step before stage 1: the Q-Former's BERT (:attr:`qformer_bert`), by masked LM on the text."""
+        tokenizer = self.out / "tokenizers" / "qformer"
+        args = [f"--model.init_args.tokenizer={tokenizer}", f"--data.init_args.tokenizer={tokenizer}"]
+        return self.fit("qformer_text", "qformer_text", args, export=True, swappable=False)
+
     @property
     def cache_dir(self) -> Path:
         """The frozen-feature cache of this pipeline's encoder (the last callback of the stage configs), shared
@@ -182,8 +194,8 @@ class Pipeline:
                  f"--cache_dir={self.cache_dir}", "--stages=fit", "--num_workers=0"]]  # only the encoder runs: the rest may be random
 
     def blip2_stage1(self) -> Commands:
-        return self.fit("blip2_stage1", "blip2_stage1", [*self._tokenizers(llm=False), *self._init_from([self.encoder_weights]),
-                                                  self._cache])
+        starts = [self.encoder_weights, *([self.qformer_bert] if self.qformer_bert else [])]
+        return self.fit("blip2_stage1", "blip2_stage1", [*self._tokenizers(llm=False), *self._init_from(starts), self._cache])
 
     def blip2_stage2(self) -> Commands:
         starts = [self.encoder_weights, self.ckpt("blip2_stage1")]
@@ -256,9 +268,10 @@ def heldin_by_shapes(results_dir: Path, out: Path) -> dict[str, dict[str, dict]]
 
 
 def _curve_folders(pipeline: Pipeline) -> dict[str, Path]:
-    return {"encoder": pipeline.run("encoder"), "lm": pipeline.lm.parent, "blip2_stage1": pipeline.run("blip2_stage1"),
-            "blip2_stage2": pipeline.run("blip2_stage2"), "instruct_side": pipeline.run("instruct_side"),
-            "instruct": pipeline.run("instruct")}
+    bert = {"qformer_text": pipeline.qformer_bert.parent} if pipeline.qformer_bert else {}
+    return {"encoder": pipeline.run("encoder"), "lm": pipeline.lm.parent, **bert,
+            "blip2_stage1": pipeline.run("blip2_stage1"), "blip2_stage2": pipeline.run("blip2_stage2"),
+            "instruct_side": pipeline.run("instruct_side"), "instruct": pipeline.run("instruct")}
 
 
 def _curves(pipeline: Pipeline) -> dict[str, list[tuple[int, float]]]:
@@ -297,13 +310,16 @@ def _run_demo(out: Path, seed: int, steps: dict[str, int | None] | None, max_eva
     pipeline.prepare_data()
     clock.done("data")
     # the T5 needs neither the encoder nor stage 1 (stage 2 needs all three): one lane beside the other, an
-    # equal share of the cores each; the T5's, shorter, then caches instruction tuning's features (after the encoder)
+    # equal share of the cores each; the T5's, shorter, then caches instruction tuning's features (after the encoder);
+    # the Q-Former's BERT, where asked for, opens the T5's lane, and stage 1 waits for it
+    bert = {"qformer_text": pipeline.qformer_text()} if pipeline.qformer_bert else {}
+    text_lane = {**bert, "lm": pipeline.language_model(), "features": pipeline.instruction_features()}
     pretrained = run_side_by_side({"encoder": {"encoder": pipeline.encoder(), "blip2_stage1": pipeline.blip2_stage1()},
-                                   "lm": {"lm": pipeline.language_model(), "features": pipeline.instruction_features()}},
-                                  {"lm": pipeline.lm.parent / "log.txt"}, after={"features": "encoder"})
-    clock.done("encoder", f"{labels['encoder']}, then {labels['blip2_stage1']} | {labels['lm']}, then "
-                          f"{labels['features']}")  # side by side: each step gets its own time, in pipeline order
-    clock.seconds.update({step: pretrained[step] for step in ("encoder", "lm", "blip2_stage1", "features")})
+                                   "lm": text_lane}, {"lm": pipeline.lm.parent / "log.txt"},
+                                  after={"features": "encoder", **({"blip2_stage1": "qformer_text"} if bert else {})})
+    clock.done("encoder", f"{labels['encoder']}, then {labels['blip2_stage1']} | "
+                          + ", then ".join(labels[step] for step in text_lane))  # side by side: each step its own time
+    clock.seconds.update({step: pretrained[step] for step in STEP_LABELS if step in pretrained})
     run_commands(pipeline.blip2_stage2())
     clock.done("blip2_stage2")
     # BLIP-2's evaluation needs stage 2 only: it runs beside instruction tuning and InstructBLIP's evaluation,
@@ -395,6 +411,9 @@ def _run_ablation(out: Path, seeds: tuple[int, ...], steps: dict[str, int | None
                                                               "swapped encoder": encoder_lane(swapped)}
     if not (base.lm / "config.json").exists():
         pretraining["lm"] = base.language_model()
+    if base.qformer_bert and not (base.qformer_bert / "config.json").exists():  # both arms' stage 1 start from it
+        with ledger.timing("qformer_text"):
+            run_commands(base.qformer_text())
     pretraining = {name: lane for name, lane in pretraining.items() if lane}
     if pretraining:  # independent of each other: side by side
         with ledger.timing("pre-training (encoders, T5, stage 1)"):
@@ -476,7 +495,8 @@ def demo(output_dir: str | None = None, seed: int = 0, steps: dict[str, int] | N
             ``seed``, outputs/ablation with ``ablation``.
         seed: the run seed of the demo, also the seed its shapes data is rendered from.
         steps: training steps per pipeline step, e.g. ``'{encoder: 300, instruct: 1000}'`` (default: the configs');
-            ``lm_binding: 3000`` adds the T5's binding phase (``configs/lm_binding.yaml``, off by default).
+            ``lm_binding: 3000`` adds the T5's binding phase (``configs/lm_binding.yaml``, off by default);
+            ``qformer_text: 2500`` the Q-Former's BERT (``configs/qformer_text.yaml``, off by default).
         max_eval_samples: evaluate at most this many samples per dataset (default: all).
         ablation: run the instruction-tuning ablations (BLIP-2 Q-Former, uniform mixing, swapped encoder) over
             ``seeds`` instead.

@@ -3,19 +3,22 @@ policy, the check of ``--steps``, and where a run writes by default."""
 
 from __future__ import annotations
 
-STEP_LABELS = {"data": "rendering the data, tokenizers",
+STEP_LABELS = {"data": "rendering the data, tokenizers",  # in the pipeline's order
                "encoder": "encoder pretraining (vision words; beside the T5)",
+               "qformer_text": "the Q-Former's BERT: masked LM on the text (beside the encoder; stage 1 starts from it)",
                "lm": "T5 on the text instruction corpus (beside the encoder and stage 1)",
+               "blip2_stage1": "BLIP-2 stage 1 (ITC + ITM + ITG; beside the T5)",
                "features": "instruction tuning's image features, cached (after the T5, beside stage 1)",
-               "blip2_stage1": "BLIP-2 stage 1 (ITC + ITM + ITG; beside the T5)", "blip2_stage2": "BLIP-2 stage 2 (prefix LM)",
+               "blip2_stage2": "BLIP-2 stage 2 (prefix LM)",
                "instruct_side": "side warm-up (side questions only)", "instruct": "instruction tuning",
                "evaluate": "evaluation of InstructBLIP",
                "evaluate_blip2": "evaluation of BLIP-2 (stage 2; beside instruction tuning)",
                "probe": "the T5 alone, held-in questions from the scenes' descriptions"}
 LM_BINDING_LABEL = "T5: binding phase, then the text instruction corpus (beside the encoder and stage 1)"
 INSTRUCTION_TUNING = ("instruct_side", "instruct")  # the steps an ablation arm runs itself
-LM_STEPS = ("lm_binding", "lm")  # trained once per output directory, shared by every arm and seed
-TRAINED_STEPS = ("encoder", *LM_STEPS, "blip2_stage1", "blip2_stage2", *INSTRUCTION_TUNING)  # what --steps sets
+TEXT_STEPS = ("qformer_text", "lm_binding", "lm")  # trained once per output directory, shared by every arm and seed
+OPTIONAL_STEPS = ("qformer_text", "lm_binding")  # off unless --steps gives them a length; 0 leaves one out
+TRAINED_STEPS = ("encoder", *TEXT_STEPS, "blip2_stage1", "blip2_stage2", *INSTRUCTION_TUNING)  # what --steps sets
 
 
 # Where bf16 is slow (the fp32 policy), the encoder, T5 and stage 1 take about a minute longer: the encoder, the
@@ -40,9 +43,10 @@ def check_steps(steps: dict[str, int | None] | None) -> dict[str, int | None]:
     if unknown:
         raise ValueError(f"--steps: unknown step(s) {unknown}; the training steps are {list(TRAINED_STEPS)}")
     bad = {name: n for name, n in steps.items() if n is not None and (
-        not isinstance(n, int) or isinstance(n, bool) or n < (0 if name == "lm_binding" else 1))}
+        not isinstance(n, int) or isinstance(n, bool) or n < (0 if name in OPTIONAL_STEPS else 1))}
     if bad:
-        raise ValueError(f"--steps: {bad}: each a positive whole number of training steps (lm_binding: 0 leaves it out)")
+        raise ValueError(f"--steps: {bad}: each a positive whole number of training steps ({' and '.join(OPTIONAL_STEPS)}: "
+                         "0 leaves it out)")
     return steps
 
 
