@@ -77,6 +77,16 @@ def test_a_short_batch_always_has_a_masked_token():
         assert labels.tolist() == [[IGNORE_INDEX, 7, IGNORE_INDEX]]
     with pytest.raises(ValueError, match="probability"):
         mask_tokens(rows, torch.ones_like(rows), [0], 1, 10, 1.5)
+    with pytest.raises(ValueError, match="random_share"):  # refused when the module is built, before a step
+        MaskedLMModule(TINY_BERT, mask_share=0.9, random_share=0.2)
+
+
+def test_all_chosen_tokens_can_become_the_mask_token():
+    rows = torch.randint(4, 50, (32, 32))
+    inputs, labels = mask_tokens(rows, torch.ones_like(rows), [0, 1, 2, 3], 1, 50, 0.3,
+                                 torch.Generator().manual_seed(1), mask_share=1.0, random_share=0.0)
+    chosen = labels != IGNORE_INDEX
+    assert chosen.sum() > 200 and (inputs[chosen] == 1).all() and torch.equal(inputs[~chosen], rows[~chosen])
 
 
 def test_collator_frames_each_prompt_and_cuts_it_on_the_left(corpus):

@@ -38,15 +38,24 @@ MASKED_LM_OPTIM = OptimSettings(lr=5e-4, warmup_start_lr=1e-6, warmup_steps=100,
 IGNORE_INDEX = -100
 
 
-def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: list[int], mask_id: int,
-                vocab_size: int, probability: float = 0.15, generator: torch.Generator | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's masking of a batch: ``(inputs, labels)``. Each real (unpadded, non-special) token is chosen with
-    ``probability``; a chosen token becomes ``mask_id`` (80%), a random non-special token (10%) or stays
-    (10%). ``labels`` hold the original id where chosen, -100 elsewhere. At least one token of the batch is
-    chosen whenever it has any (a batch of short texts would otherwise sometimes have no loss at all)."""
+def check_masking(probability: float, mask_share: float, random_share: float) -> None:
+    """Refuse a masking that is not one: a chosen share outside (0, 1), replacement shares outside [0, 1]."""
     if not 0 < probability < 1:
         raise ValueError(f"mask probability must be in (0, 1), got {probability}")
+    if mask_share < 0 or random_share < 0 or mask_share + random_share > 1:
+        raise ValueError(f"mask_share {mask_share} and random_share {random_share}: shares of the chosen tokens, "
+                         "each >= 0, at most 1 together")
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: list[int], mask_id: int,
+                vocab_size: int, probability: float = 0.15, generator: torch.Generator | None = None,
+                mask_share: float = MASK_SHARE, random_share: float = RANDOM_SHARE,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking of a batch: ``(inputs, labels)``. Each real (unpadded, non-special) token is chosen with
+    ``probability``; a chosen token becomes ``mask_id`` (``mask_share``, BERT's 80%), a random non-special
+    token (``random_share``, 10%) or stays (the rest). ``labels`` hold the original id where chosen, -100 elsewhere. At least one token of the batch is
+    chosen whenever it has any (a batch of short texts would otherwise sometimes have no loss at all)."""
+    check_masking(probability, mask_share, random_share)
     device = input_ids.device
     specials = torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype, device=device)
     candidate = attention_mask.bool() & ~torch.isin(input_ids, specials)
@@ -60,8 +69,8 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
     pool = ordinary.nonzero().squeeze(1)
     random_ids = pool[torch.randint(len(pool), input_ids.shape, generator=generator, device=device)]
     inputs = input_ids.clone()
-    inputs[chosen & (how < MASK_SHARE)] = mask_id
-    swap = chosen & (how >= MASK_SHARE) & (how < MASK_SHARE + RANDOM_SHARE)
+    inputs[chosen & (how < mask_share)] = mask_id
+    swap = chosen & (how >= mask_share) & (how < mask_share + random_share)
     inputs[swap] = random_ids[swap]
     labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
     return inputs, labels
@@ -75,6 +84,8 @@ class MaskedLMModule(LightningModule):
             ``num_hidden_layers``, ``num_attention_heads``, ``intermediate_size``, ``max_position_embeddings``).
         tokenizer: the tokenizer folder (saved by ``ibkit export`` beside the model); unset, the datamodule's.
         mask_probability: the share of tokens chosen for prediction (BERT: 0.15).
+        mask_share / random_share: of the chosen tokens, the share replaced by ``[MASK]`` / by a random token
+            (BERT: 0.8 / 0.1; the rest stay as they are).
         optim: AdamW + warm-up/cosine (:data:`MASKED_LM_OPTIM` by default).
 
     A tokenizer without a ``[MASK]`` token (the demo's word-level one) has ``[UNK]`` play its part: every
@@ -82,15 +93,15 @@ class MaskedLMModule(LightningModule):
     """
 
     def __init__(self, config: dict[str, Any], tokenizer: str | None = None, mask_probability: float = 0.15,
+                 mask_share: float = MASK_SHARE, random_share: float = RANDOM_SHARE,
                  optim: OptimSettings | None = None) -> None:
         super().__init__()
         from transformers import BertConfig, BertForMaskedLM
 
-        if not 0 < mask_probability < 1:
-            raise ValueError(f"mask_probability must be in (0, 1), got {mask_probability}")
+        check_masking(mask_probability, mask_share, random_share)  # before any step
         self.bert = BertForMaskedLM(BertConfig(**config))
         self.tokenizer_path = tokenizer
-        self.mask_probability = mask_probability
+        self.mask_probability, self.mask_share, self.random_share = mask_probability, mask_share, random_share
         self.optim = optim or MASKED_LM_OPTIM
         self.strict_loading = False  # checked strictly by check_trainable_state
         self._tokenizer: Any = None
@@ -131,7 +142,8 @@ class MaskedLMModule(LightningModule):
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         specials, mask_id = self._masking_ids()
         inputs, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], specials, mask_id,
-                                     self.bert.config.vocab_size, self.mask_probability, generator)
+                                     self.bert.config.vocab_size, self.mask_probability, generator,
+                                     self.mask_share, self.random_share)
         out = self.bert(input_ids=inputs, attention_mask=batch["attention_mask"], labels=labels)
         return out.loss, out.logits, labels
 
