@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from ibkit.shapes.demo import ABLATIONS, CONFIGS, HELD_OUT, MODELS, run_ablation, run_demo
+from ibkit.shapes.demo import ABLATIONS, HELD_OUT, MODELS, run_ablation, run_demo
+from ibkit.shapes.pipeline import CONFIGS
 from ibkit.shapes.report import check_ablation, check_results
 from ibkit.shapes.runner import HAS_FORKSERVER
 from ibkit.shapes.scenes import QA_TYPES
@@ -77,6 +78,14 @@ def test_demo_configs_share_their_data_and_their_networks():
     # the T5's optional binding phase stacked on lm.yaml: its own steps and run folder, focused records, the same T5
     binding = _config("lm_binding")
     assert set(binding) == {"trainer", "data"} and set(binding["data"]["init_args"]) == {"focus_kinds", "focus_objects"}
+    # the relation recipe's phase stacked the same way: the side warm-up's starts and its checkpoint, the recipe's
+    # question types (the side statements, which the warm-up leaves out, included)
+    relation = _config("instruct_relation")
+    assert set(relation) == {"trainer", "model", "data"} and set(relation["model"]["init_args"]) == {"init_from"}
+    assert relation["data"]["init_args"] == {"relations": True, "datasets": ["shapes_vqa"],
+                                             "question_types": ["side", "side_statement", "relation"]}
+    recipe = [start.replace("outputs/demo/", "outputs/demo_relations/") for start in starts]
+    assert relation["model"]["init_args"]["init_from"] == recipe
 
 
 @pytest.mark.slow
@@ -165,7 +174,7 @@ def test_the_pipeline_and_its_ablation_run_end_to_end_and_resume(tmp_path):
 
 
 def test_side_by_side_jobs_run_to_their_end_and_a_failure_names_its_log(tmp_path):
-    from ibkit.shapes.demo import run_side_by_side
+    from ibkit.shapes.runner import run_side_by_side
 
     logs = {"second": tmp_path / "logs" / "second.txt", "third": tmp_path / "third.txt"}
     seconds = run_side_by_side({"first": [["--version"]], "second": [["--version"], ["--version"]]}, logs)
@@ -241,7 +250,7 @@ def test_processes_started_from_several_threads_at_once_each_report_their_own_ex
 
 
 def test_a_lane_runs_its_steps_in_order_beside_another_job_and_stops_at_its_failed_step(tmp_path):
-    from ibkit.shapes.demo import run_side_by_side
+    from ibkit.shapes.runner import run_side_by_side
 
     logs = {"lane": tmp_path / "lane.txt"}
     seconds = run_side_by_side({"first": [["--version"]], "lane": {"a": [["--version"]], "b": [["--version"]] * 2}},
@@ -298,7 +307,8 @@ def test_a_step_waits_for_the_step_of_another_lane_that_it_comes_after(tmp_path,
 def test_each_encoder_has_its_own_feature_cache_and_its_arms_share_it(tmp_path):
     """Two encoders' stage-1 runs side by side (the ablation) must not share a cache folder: opening it with
     another encoder deletes the first one's features under the running process."""
-    from ibkit.shapes.demo import SWAP, Pipeline
+    from ibkit.shapes.demo import SWAP
+    from ibkit.shapes.pipeline import Pipeline
 
     base, swapped = Pipeline(tmp_path, tmp_path), Pipeline(tmp_path, tmp_path / "swapped_encoder", **SWAP)
     arm = Pipeline(tmp_path, tmp_path / "default_seed0", pretrained_runs=base.runs)
@@ -312,7 +322,7 @@ def test_each_encoder_has_its_own_feature_cache_and_its_arms_share_it(tmp_path):
 
 
 def test_the_work_ledger_adds_each_finished_unit_over_invocations(tmp_path, caplog):
-    from ibkit.shapes.demo import WorkLedger
+    from ibkit.shapes.runner import WorkLedger
 
     path = tmp_path / "seconds.json"
     first = WorkLedger(path)
@@ -334,7 +344,7 @@ def test_the_work_ledger_adds_each_finished_unit_over_invocations(tmp_path, capl
 
 def test_steps_are_checked_before_anything_runs():
     from ibkit.shapes.demo import demo
-    from ibkit.shapes.settings import TRAINED_STEPS, check_steps
+    from ibkit.shapes.settings import RELATION_STEPS, TRAINED_STEPS, check_steps
 
     assert check_steps(None) == {}
     assert check_steps({"lm_binding": 0, "instruct": 5}) == {"lm_binding": 0, "instruct": 5}
@@ -345,7 +355,13 @@ def test_steps_are_checked_before_anything_runs():
         check_steps({"encoder": 0})  # 0 would silently mean the config's length
     with pytest.raises(ValueError, match="'lm': 1.5"):
         check_steps({"lm": 1.5})
-    assert set(TRAINED_STEPS) == {"encoder", "qformer_text", "lm_binding", "lm", *STAGES, "instruct_side"}
+    assert set(TRAINED_STEPS) == {"encoder", "qformer_text", "lm_binding", "lm", *STAGES, "instruct_side",
+                                  "instruct_relation"}
+    # the relation recipe's own step needs the recipe; the recipe brings its lengths, which --steps overrides
+    with pytest.raises(ValueError, match="relations true"):
+        check_steps({"instruct_relation": 100})
+    assert check_steps({"instruct": 5, "blip2_stage2": 7}, relations=True) == {
+        **RELATION_STEPS, "instruct": 5, "blip2_stage2": 7}
     with pytest.raises(ValueError, match="unknown step"):  # refused by the command before the first step
         demo(output_dir="/nonexistent/never-written", steps={"stage1": 10})
 
@@ -427,7 +443,8 @@ def test_the_fp32_policy_shortens_the_encoder_the_t5_the_side_warm_up_and_the_mi
 
 @pytest.mark.slow
 def test_the_binding_phase_runs_first_and_the_corpus_step_starts_from_it(tmp_path):
-    from ibkit.shapes.demo import Pipeline, run_commands
+    from ibkit.shapes.pipeline import Pipeline
+    from ibkit.shapes.runner import run_commands
 
     sizes = "{train: 12, val: 6, test: 6, shapes_text.train: 128, shapes_text.val: 8}"
     pipeline = Pipeline(tmp_path, tmp_path, sizes=sizes, steps={"lm_binding": 2, "lm": 2})
@@ -453,7 +470,8 @@ def test_the_binding_phase_runs_first_and_the_corpus_step_starts_from_it(tmp_pat
 @pytest.mark.slow
 def test_the_qformers_bert_is_pretrained_once_and_stage_1_starts_from_it(tmp_path):
     from ibkit.convert.bert_init import read_bert_weights
-    from ibkit.shapes.demo import Pipeline, run_commands
+    from ibkit.shapes.pipeline import Pipeline
+    from ibkit.shapes.runner import run_commands
     from ibkit.training.checkpoint import load_checkpoint_file
 
     sizes = "{train: 12, val: 6, test: 6, shapes_text.train: 64, shapes_text.val: 8}"
@@ -476,3 +494,29 @@ def test_the_qformers_bert_is_pretrained_once_and_stage_1_starts_from_it(tmp_pat
                          ("encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.intermediate.dense.weight"),
                          ("encoder.layer.0.intermediate_query.dense.weight", "encoder.layer.0.intermediate.dense.weight")):
         assert torch.allclose(qformer[ours], bert[theirs], atol=1e-6), ours
+
+
+@pytest.mark.slow
+def test_the_relation_recipe_runs_end_to_end_with_its_own_data_bert_and_phase(tmp_path):
+    from ibkit.shapes.relations import RELATION_QA_TYPES
+    from ibkit.shapes.settings import default_output_dir
+
+    assert default_output_dir(seed=2, relations=True) == "outputs/demo_seed2_relations"
+    sizes = ("{train: 12, val: 6, test: 6, shapes_vqa.train: 16, shapes_vqa.val: 40, shapes_text.train: 160, "
+             "shapes_text.val: 12}")
+    steps = {step: 2 for step in ("encoder", "lm", *STAGES, "instruct_side", "qformer_text", "instruct_relation")}
+    results = run_demo(tmp_path, steps=steps, sizes=sizes, relations=True)  # every held-in question: each type
+    check_results(results)
+    assert list(results["steps"]) == ["data", "encoder", "qformer_text", "lm", "blip2_stage1", "features",
+                                      "blip2_stage2", "instruct_side", "instruct_relation", "instruct", "evaluate",
+                                      "evaluate_blip2", "probe"]
+    assert set(results["heldin_vqa_by_type"]["instructblip"]) == set(RELATION_QA_TYPES)  # relation asked too
+    # every step read the recipe's data; stage 1 started from the BERT, the mixture from the relation phase
+    for step in ("encoder", "qformer_text", "lm", "blip2_stage1", "instruct_side", "instruct_relation", "instruct"):
+        assert yaml.safe_load((tmp_path / step / "config.yaml").read_text())["data"]["init_args"]["relations"], step
+    stage1 = yaml.safe_load((tmp_path / "blip2_stage1" / "config.yaml").read_text())["model"]["init_args"]["init_from"]
+    assert stage1[-1] == str(tmp_path / "qformer_text" / "model")
+    mixture = yaml.safe_load((tmp_path / "instruct" / "config.yaml").read_text())["model"]["init_args"]["init_from"]
+    assert mixture[-1] == str(tmp_path / "instruct_relation" / "checkpoints" / "last.ckpt")
+    warmup = yaml.safe_load((tmp_path / "instruct_side" / "config.yaml").read_text())["data"]["init_args"]
+    assert warmup["question_types"] == ["side"]  # the side statements left out of the warm-up

@@ -25,10 +25,10 @@ PACKAGE = REPO / "src" / "ibkit"
 CHECK = """
 import json, runpy, sys
 from pathlib import Path
-import ibkit, ibkit.shapes.demo as demo
+import ibkit, ibkit.shapes.pipeline as pipeline
 Path(sys.argv[1]).write_text(json.dumps({
-    "ibkit": ibkit.__file__, "configs": str(demo.CONFIGS),
-    "yaml": sorted(str(p.relative_to(demo.CONFIGS)) for p in demo.CONFIGS.rglob("*.yaml"))}))
+    "ibkit": ibkit.__file__, "configs": str(pipeline.CONFIGS),
+    "yaml": sorted(str(p.relative_to(pipeline.CONFIGS)) for p in pipeline.CONFIGS.rglob("*.yaml"))}))
 sys.argv = ["ibkit", "demo", "--help"]
 try:
     runpy.run_module("ibkit", run_name="__main__", alter_sys=True)

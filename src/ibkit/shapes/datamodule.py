@@ -135,15 +135,18 @@ def write_tiny_tokenizers(data_root: Path, out_dir: Path, size: int = TINY_VOCAB
 
 
 def prepare_tiny_workspace(root: str | Path, seed: int = 0, image_size: int = 64,
-                           sizes: dict[str, int] | None = None) -> dict[str, Path]:
-    """Shapes data under ``root/shapes`` and tokenizers under ``root/tokenizers`` (idempotent)."""
+                           sizes: dict[str, int] | None = None, relations: bool = False) -> dict[str, Path]:
+    """Shapes data under ``root/shapes`` and tokenizers under ``root/tokenizers`` (idempotent); ``relations``:
+    the relation recipe's data (:mod:`ibkit.shapes.relations`)."""
     from ibkit.shapes.writer import TINY_SIZES, make_shapes
 
     root = Path(root)
-    make_shapes(root, seed=seed, sizes=dict(sizes or TINY_SIZES), image_size=image_size, progress=False)
+    make_shapes(root, seed=seed, sizes=dict(sizes or TINY_SIZES), image_size=image_size, progress=False,
+                relations=relations)
     tokenizers = root / "tokenizers"
     stamp = tokenizers / "ibkit_tiny.json"
-    wanted = {"seed": seed, "image_size": image_size, "sizes": sizes or TINY_SIZES, "tokenizer_version": TOKENIZER_VERSION}
+    wanted = {"seed": seed, "image_size": image_size, "sizes": sizes or TINY_SIZES, "tokenizer_version": TOKENIZER_VERSION,
+              **({"relations": True} if relations else {})}
     if not stamp.exists() or json.loads(stamp.read_text()) != json.loads(json.dumps(wanted)):
         write_tiny_tokenizers(root, tokenizers)
         stamp.write_text(json.dumps(wanted))
@@ -163,6 +166,9 @@ class TinyShapesDataModule(InstructionDataModule):
     are color, shape, count, exists, size, side), e.g. the demo's side warm-up; evaluation sets are never
     filtered. A list applies to every training dataset (each must keep some); a mapping applies to the datasets
     it names only, e.g. ``{shapes_vqa: [side, size]}`` keeps a mixture's other datasets whole.
+
+    ``relations`` renders the relation recipe's workspace (:mod:`ibkit.shapes.relations`): held-in VQA adds the
+    ``relation`` and ``side_statement`` types, and the side questions are also asked vertically.
     """
 
     def __init__(
@@ -191,6 +197,7 @@ class TinyShapesDataModule(InstructionDataModule):
         qformer_tokenizer: str | None = None,
         llm_tokenizer: str | None = None,
         question_types: list[str] | dict[str, list[str]] | None = None,
+        relations: bool = False,
     ) -> None:
         train_names = list(TINY_TRAIN if datasets is None else datasets)
         root_path = Path(root)
@@ -223,10 +230,12 @@ class TinyShapesDataModule(InstructionDataModule):
         self.data_seed = data_seed
         self.render_size = render_size
         self.sizes = dict(sizes) if sizes else None
-        self.question_types = _question_types_by_dataset(question_types, train_names)
+        self.relations = relations
+        self.question_types = _question_types_by_dataset(question_types, train_names, relations)
 
     def prepare_data(self) -> None:
-        prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes)
+        prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes,
+                               relations=self.relations)
 
     def _load(self, name: str, split: str) -> list:
         samples = super()._load(name, split)
@@ -243,15 +252,17 @@ class TinyShapesDataModule(InstructionDataModule):
 
 
 def _question_types_by_dataset(
-    question_types: list[str] | dict[str, list[str]] | None, datasets: list[str]
+    question_types: list[str] | dict[str, list[str]] | None, datasets: list[str], relations: bool = False
 ) -> dict[str, list[str]]:
     """The ``question_types`` argument as {training dataset: types kept}: a list applies to every dataset.
 
     Refused before any data is read: an empty list, a dataset the mapping names that is not trained on, and a
     held-in VQA type that does not exist (the other datasets' types are checked against their samples on load).
     """
+    from ibkit.shapes.relations import RELATION_QA_TYPES, STATEMENT_TYPE
     from ibkit.shapes.scenes import QA_TYPES
 
+    known = (*RELATION_QA_TYPES, STATEMENT_TYPE) if relations else QA_TYPES
     if question_types is None:
         return {}
     if not isinstance(question_types, dict):
@@ -266,9 +277,10 @@ def _question_types_by_dataset(
         if not types:
             raise ValueError(f"question_types ({name}): [] keeps nothing; name at least one type or leave the "
                              f"dataset out of the mapping")
-        unknown = sorted(set(types) - set(QA_TYPES)) if name == "shapes_vqa" else []
+        unknown = sorted(set(types) - set(known)) if name == "shapes_vqa" else []
         if unknown:
-            raise ValueError(f"question_types ({name}): {unknown} not among {list(QA_TYPES)}")
+            raise ValueError(f"question_types ({name}): {unknown} not among {list(known)}"
+                             + ("" if relations else " (relations: true adds the relation recipe's)"))
         by_dataset[name] = types
     return by_dataset
 
@@ -291,7 +303,8 @@ class ShapesTextDataModule(TextDataModule):
     ``question_texts_of`` adds, for a masked LM (the demo's miniature BERT, ``qformer_text.yaml``), the
     training questions of these image datasets to the training text, each twice: as asked, and in the
     short-answer prompt ("Question: ... Short answer:"), the wording the Q-Former reads most. Their
-    answers need the image, so a seq2seq LM may not train on them.
+    answers need the image, so a seq2seq LM may not train on them. ``relations``: the relation recipe's
+    workspace and corpus (:mod:`ibkit.shapes.relations`).
     """
 
     def __init__(self, root: str = "outputs/tiny", data_seed: int = 0, render_size: int = 64,
@@ -299,7 +312,7 @@ class ShapesTextDataModule(TextDataModule):
                  eval_batch_size: int | None = None, max_prompt_len: int = 192, max_target_len: int = 32,
                  max_eval_samples: int | None = None, num_workers: int = 0, seed: int = 0,
                  focus_kinds: list[str] | None = None, focus_objects: tuple[int, int] = (1, 4),
-                 question_texts_of: list[str] | None = None) -> None:
+                 question_texts_of: list[str] | None = None, relations: bool = False) -> None:
         from ibkit.shapes.text_corpus import TEXT_CORPUS, make_focused_records
         from ibkit.shapes.writer import wants_text_corpus
 
@@ -318,9 +331,11 @@ class ShapesTextDataModule(TextDataModule):
         if self.focus is not None:  # no records yet (setup makes them), but a wrong kind or range fails now
             make_focused_records(data_seed, "train", 0, *self.focus)
         self.question_texts_of = list(question_texts_of or [])
+        self.relations = relations
 
     def prepare_data(self) -> None:
-        prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes)
+        prepare_tiny_workspace(self.root, seed=self.data_seed, image_size=self.render_size, sizes=self.sizes,
+                               relations=self.relations)
 
     def dataset(self, split: str) -> TextPairDataset:
         """The corpus file of ``split``, or with ``focus_kinds`` as many focused records made in memory."""

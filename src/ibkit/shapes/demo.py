@@ -28,10 +28,10 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ibkit.shapes.folders import claimed
+from ibkit.shapes.pipeline import Pipeline
 from ibkit.shapes.runner import (
     Commands,
     StepClock,
@@ -43,10 +43,8 @@ from ibkit.shapes.runner import (
     run_side_by_side,
 )
 from ibkit.shapes.settings import (
-    INSTRUCTION_TUNING,
     LM_BINDING_LABEL,
     STEP_LABELS,
-    TEXT_STEPS,
     TRAINED_STEPS,
     check_steps,
     default_output_dir,
@@ -54,184 +52,10 @@ from ibkit.shapes.settings import (
 )
 
 log = logging.getLogger(__name__)
-CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package
 HELD_OUT = ["shapes_nocaps", "shapes_vsr", "shapes_iconqa", "shapes_scienceqa", "shapes_hatefulmemes",
             "shapes_visdial", "shapes_msvdqa"]
 HELD_IN_VQA = "shapes_vqa"
 MODELS = {"blip2": "BLIP-2 (stage 2)", "instructblip": "InstructBLIP"}
-
-
-@dataclass
-class Pipeline:
-    """Where one run of the pipeline (one encoder arm, one seed) reads and writes, and its command lines.
-
-    ``out`` holds the rendered data and tokenizers (shared by every arm and seed); ``runs`` the step folders
-    of this arm; ``encoder_config`` / ``swap`` choose the image encoder (``swap``: a YAML fragment stacked on
-    the stage configs that replaces their ``vision_encoder``).
-    """
-
-    out: Path
-    runs: Path
-    seed: int = 0
-    data_seed: int = 0
-    sizes: str | None = None
-    encoder_config: str = "encoder"
-    swap: str | None = None
-    steps: dict[str, int | None] = field(default_factory=dict)
-    max_eval_samples: int | None = None
-    pretrained_runs: Path | None = None  # an ablation arm: the encoder and BLIP-2 stages of another pipeline
-
-    # -- paths --------------------------------------------------------------------------------------
-    def run(self, step: str) -> Path:
-        if self.pretrained_runs is not None and step not in INSTRUCTION_TUNING:
-            return self.pretrained_runs / step
-        return self.runs / step
-
-    @property
-    def encoder_weights(self) -> Path:
-        return self.run("encoder") / "model" / "encoder.safetensors"
-
-    @property
-    def lm(self) -> Path:
-        return self.out / "lm" / "model"  # the LM is the same for every arm: trained once per output dir
-
-    @property
-    def qformer_bert(self) -> Path | None:
-        """The Q-Former's BERT (the ``qformer_text`` step's export) where the run has that step, else None."""
-        return self.out / "qformer_text" / "model" if self.steps.get("qformer_text") else None
-
-    def ckpt(self, step: str) -> Path:
-        return self.run(step) / "checkpoints" / "last.ckpt"
-
-    # -- arguments ----------------------------------------------------------------------------------
-    def _data(self) -> list[str]:
-        args = [f"--data.init_args.root={self.out}", f"--seed_everything={self.seed}",
-                f"--data.init_args.data_seed={self.data_seed}"]
-        return args + ([f"--data.init_args.sizes={self.sizes}"] if self.sizes else [])
-
-    def _configs(self, name: str, swappable: bool = True, stacked: Sequence[str] = ()) -> list[str]:
-        configs = [arg for config in (name, *stacked) for arg in ("--config", str(CONFIGS / f"{config}.yaml"))]
-        if swappable and self.swap:
-            configs += ["--config", str(CONFIGS / f"{self.swap}.yaml")]
-        return configs
-
-    def _trainer(self, run: Path, steps: int | None) -> list[str]:
-        args = [f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}"]
-        return args + ([f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"] if steps else [])
-
-    def _tokenizers(self, llm: bool = True) -> list[str]:
-        args = [f"--model.init_args.qformer_tokenizer={self.out / 'tokenizers' / 'qformer'}"]
-        return args + ([f"--model.init_args.llm_tokenizer={self.lm}"] if llm else [])
-
-    def _network_lm(self) -> list[str]:
-        return [f"--model.init_args.model.init_args.language_model.init_args.name_or_path={self.lm}"]
-
-    @staticmethod
-    def _init_from(paths: Sequence[Path]) -> list[str]:
-        return ["--model.init_args.init_from=[" + ", ".join(str(p) for p in paths) + "]"]
-
-    def fit(self, step: str, config: str, extra: list[str], export: bool = False, swappable: bool = True,
-            stacked: Sequence[str] = ()) -> Commands:
-        run = self.out / step if step in TEXT_STEPS else self.run(step)  # the text steps: once per output dir
-        args = [*self._configs(config, swappable, stacked), *self._data(), *self._trainer(run, self.steps.get(step)),
-                *extra]
-        commands = [["fit", *args]]
-        if export:
-            commands.append(["export", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
-                             "--output", str(run / "model")])
-        return commands
-
-    def prepare_data(self) -> None:
-        """Render the shapes data and write the tokenizers as every step's ``prepare_data`` would (the configs
-        share one data section), so that steps run side by side never render the same files at once."""
-        import yaml
-
-        from ibkit.shapes.datamodule import prepare_tiny_workspace
-
-        data = yaml.safe_load((CONFIGS / f"{self.encoder_config}.yaml").read_text())["data"]["init_args"]
-        sizes = yaml.safe_load(self.sizes) if self.sizes else data["sizes"]
-        prepare_tiny_workspace(self.out, seed=self.data_seed, image_size=data["render_size"], sizes=sizes)
-
-    # -- the steps (their ibkit commands; run_commands or run_side_by_side runs them) ----------------
-    def encoder(self) -> Commands:
-        return self.fit("encoder", self.encoder_config, [], export=True, swappable=False)
-
-    def language_model(self) -> Commands:
-        """Step 2, the T5 on the corpus; with ``steps["lm_binding"]`` after a binding phase that it starts from
-        (``lm_binding.yaml`` stacked on ``lm.yaml``: colour and shape questions about 2-4 objects)."""
-        tokenizer = [f"--model.init_args.tokenizer={self.out / 'tokenizers' / 'llm'}"]
-        if not self.steps.get("lm_binding"):
-            return self.fit("lm", "lm", tokenizer, export=True, swappable=False)
-        start = {"class_path": "ibkit.LanguageModel",  # the same T5, its weights from the binding phase
-                 "init_args": {"config": None, "name_or_path": str(self.out / "lm_binding" / "model"), "frozen": False}}
-        return [*self.fit("lm_binding", "lm", tokenizer, export=True, swappable=False, stacked=["lm_binding"]),
-                *self.fit("lm", "lm", [*tokenizer, f"--model.init_args.language_model={json.dumps(start)}"], export=True,
-                          swappable=False)]
-
-    def qformer_text(self) -> Commands:
-        """The optional step before stage 1: the Q-Former's BERT (:attr:`qformer_bert`), by masked LM on the text."""
-        tokenizer = self.out / "tokenizers" / "qformer"
-        args = [f"--model.init_args.tokenizer={tokenizer}", f"--data.init_args.tokenizer={tokenizer}"]
-        return self.fit("qformer_text", "qformer_text", args, export=True, swappable=False)
-
-    @property
-    def cache_dir(self) -> Path:
-        """The frozen-feature cache of this pipeline's encoder (the last callback of the stage configs), shared
-        by the arms trained on it. One folder per encoder: a cache folder keeps one encoder's features per
-        dataset and opening it with another encoder deletes them (:class:`ibkit.data.feature_store.FeatureStore`),
-        which the ablation's two stage-1 runs, side by side, would otherwise do to each other."""
-        return (self.pretrained_runs or self.runs) / "cache"
-
-    @property
-    def _cache(self) -> str:
-        return f"--trainer.callbacks.init_args.cache_dir={self.cache_dir}"
-
-    def instruction_features(self) -> Commands:
-        """Instruction tuning's image features (the mixture's sets hold the warm-up's), cached ahead of it as its
-        fits would (the same features), in the T5's lane while stage 1 ends: 20 s off the critical path here."""
-        return [["data", "cache-features", *self._configs("instruct"), *self._data(), *self._tokenizers(),
-                 *self._network_lm(), *self._init_from([self.encoder_weights]), "--model.init_args.allow_uninitialized=true",
-                 f"--cache_dir={self.cache_dir}", "--stages=fit", "--num_workers=0"]]  # only the encoder runs: the rest may be random
-
-    def blip2_stage1(self) -> Commands:
-        starts = [self.encoder_weights, *([self.qformer_bert] if self.qformer_bert else [])]
-        return self.fit("blip2_stage1", "blip2_stage1", [*self._tokenizers(llm=False), *self._init_from(starts), self._cache])
-
-    def blip2_stage2(self) -> Commands:
-        starts = [self.encoder_weights, self.ckpt("blip2_stage1")]
-        return self.fit("blip2_stage2", "blip2_stage2", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
-                                                  self._cache])
-
-    def instruct_side(self, extra: Sequence[str] = ()) -> Commands:
-        """Step 5a: the instruction-tuning config with instruct_side.yaml stacked on it (side questions only)."""
-        starts = [self.encoder_weights, self.ckpt("blip2_stage1"), self.ckpt("blip2_stage2")]
-        return self.fit("instruct_side", "instruct", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
-                                               self._cache, *extra], stacked=["instruct_side"])
-
-    def instruct(self, extra: Sequence[str] = (), export: bool = False) -> Commands:
-        """Step 5b, from step 5a's checkpoint (:meth:`instruct_side` first)."""
-        starts = [self.encoder_weights, self.ckpt("blip2_stage1"), self.ckpt("blip2_stage2"), self.ckpt("instruct_side")]
-        return self.fit("instruct", "instruct", [*self._tokenizers(), *self._network_lm(), *self._init_from(starts),
-                                          self._cache, *extra], export=export)
-
-    def results_dir(self, model: str) -> Path:
-        return self.runs / "eval" / model
-
-    def evaluate(self, model: str, extra: Sequence[str] = ()) -> Commands:
-        """``ibkit test`` of ``model`` ("blip2" or "instructblip"), built from the instruction-tuning config;
-        it writes :meth:`results_dir`."""
-        starts = [self.encoder_weights, self.ckpt("blip2_stage1"), self.ckpt("blip2_stage2")]
-        if model == "instructblip":
-            starts.append(self.ckpt("instruct"))
-        else:  # BLIP-2: the same network without the instruction input to the Q-Former
-            extra = ["--model.init_args.model.init_args.qformer.instruction_aware=false", *extra]
-        results_dir = self.results_dir(model)
-        args = ["test", *self._configs("instruct"), "--config", str(CONFIGS / "eval.yaml"), *self._data(),
-                *self._tokenizers(), *self._network_lm(), *self._init_from(starts), f"--model.init_args.results_dir={results_dir}",
-                f"--trainer.default_root_dir={self.runs / 'eval'}", *extra]
-        if self.max_eval_samples:
-            args.append(f"--data.init_args.max_eval_samples={self.max_eval_samples}")
-        return [args]
 
 
 def scored_results(results_dir: Path, out: Path) -> tuple[dict, dict]:
@@ -271,7 +95,7 @@ def _curve_folders(pipeline: Pipeline) -> dict[str, Path]:
     bert = {"qformer_text": pipeline.qformer_bert.parent} if pipeline.qformer_bert else {}
     return {"encoder": pipeline.run("encoder"), "lm": pipeline.lm.parent, **bert,
             "blip2_stage1": pipeline.run("blip2_stage1"), "blip2_stage2": pipeline.run("blip2_stage2"),
-            "instruct_side": pipeline.run("instruct_side"), "instruct": pipeline.run("instruct")}
+            **{step: pipeline.run(step) for step in pipeline.tuning()}}
 
 
 def _curves(pipeline: Pipeline) -> dict[str, list[tuple[int, float]]]:
@@ -287,22 +111,23 @@ def _curves(pipeline: Pipeline) -> dict[str, list[tuple[int, float]]]:
 
 
 def run_demo(output_dir: str | Path, seed: int = 0, steps: dict[str, int | None] | None = None,
-             max_eval_samples: int | None = None, sizes: str | None = None) -> dict:
-    """The six steps once (seed ``seed``), then ``results.json``, ``results.md`` and ``demo.png`` in ``output_dir``,
-    which no other demo may write meanwhile (:func:`~ibkit.shapes.folders.claimed`)."""
+             max_eval_samples: int | None = None, sizes: str | None = None, relations: bool = False) -> dict:
+    """The six steps once (seed ``seed``; ``relations``: the relation recipe's), then ``results.json``,
+    ``results.md`` and ``demo.png`` in ``output_dir``, which no other demo may write meanwhile
+    (:func:`~ibkit.shapes.folders.claimed`)."""
     out = Path(output_dir).resolve()
     with claimed(out):
-        return _run_demo(out, seed, steps, max_eval_samples, sizes)
+        return _run_demo(out, seed, steps, max_eval_samples, sizes, relations)
 
 
 def _run_demo(out: Path, seed: int, steps: dict[str, int | None] | None, max_eval_samples: int | None,
-              sizes: str | None) -> dict:
+              sizes: str | None, relations: bool) -> dict:
     from ibkit.shapes.probe import held_in_from_text
     from ibkit.shapes.report import plot_pipeline, results_markdown
     from ibkit.shapes.specs import chance_level
 
     pipeline = Pipeline(out, out, seed=seed, data_seed=seed, sizes=sizes, steps=dict(steps or {}),
-                        max_eval_samples=max_eval_samples)
+                        max_eval_samples=max_eval_samples, relations=relations)
     labels = {**STEP_LABELS, **({"lm": LM_BINDING_LABEL} if pipeline.steps.get("lm_binding") else {})}
     clock = StepClock(labels)
     command_processes()  # the side-by-side commands' server imports on the other core while the data renders
@@ -324,15 +149,12 @@ def _run_demo(out: Path, seed: int, steps: dict[str, int | None] | None, max_eva
     clock.done("blip2_stage2")
     # BLIP-2's evaluation needs stage 2 only: it runs beside instruction tuning and InstructBLIP's evaluation,
     # one thread each (one runs the instruction-tuning steps about as fast as two: docs/bench.md)
-    tuned = run_side_by_side({"instruct": {"instruct_side": pipeline.instruct_side(),
-                                           "instruct": pipeline.instruct(export=True),
-                                           "evaluate": pipeline.evaluate("instructblip")},
-                              "evaluate_blip2": pipeline.evaluate("blip2")},
+    lane = {**pipeline.tuning(export=True), "evaluate": pipeline.evaluate("instructblip")}
+    tuned = run_side_by_side({"instruct": lane, "evaluate_blip2": pipeline.evaluate("blip2")},
                              {"evaluate_blip2": pipeline.results_dir("blip2").parent / "blip2.log.txt"})
-    clock.done("instruct_side", f"{labels['instruct_side']}, then {labels['instruct']}, then {labels['evaluate']} | "
-                                f"{labels['evaluate_blip2']}")
+    clock.done("instruct_side", ", then ".join(labels[step] for step in lane) + f" | {labels['evaluate_blip2']}")
     # they ran at the same time: each step gets its own wall time, in the order of the pipeline
-    clock.seconds.update({step: tuned[step] for step in ("instruct_side", "instruct", "evaluate", "evaluate_blip2")})
+    clock.seconds.update({step: tuned[step] for step in (*lane, "evaluate_blip2")})
     heldout, heldin, by_shapes = {}, {}, {}
     for model in MODELS:
         heldout[model], heldin[model] = scored_results(pipeline.results_dir(model), out)
@@ -375,7 +197,7 @@ SWAP = {"encoder_config": "encoder_clip", "swap": "swap_clip"}  # the swapped ar
 
 
 def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), steps: dict[str, int | None] | None = None,
-                 max_eval_samples: int | None = None, sizes: str | None = None) -> dict:
+                 max_eval_samples: int | None = None, sizes: str | None = None, relations: bool = False) -> dict:
     """Pre-training once per encoder (seed 0), then instruction tuning + evaluation per arm and seed.
 
     The seed changes the instruction-tuning run (mixture order, initial state of the random generators)
@@ -385,18 +207,19 @@ def run_ablation(output_dir: str | Path, seeds: tuple[int, ...] = (0, 1, 2), ste
     """
     out = Path(output_dir).resolve()
     with claimed(out):
-        return _run_ablation(out, seeds, steps, max_eval_samples, sizes)
+        return _run_ablation(out, seeds, steps, max_eval_samples, sizes, relations)
 
 
 def _run_ablation(out: Path, seeds: tuple[int, ...], steps: dict[str, int | None] | None,
-                  max_eval_samples: int | None, sizes: str | None) -> dict:
+                  max_eval_samples: int | None, sizes: str | None, relations: bool) -> dict:
     from ibkit.shapes.report import ablation_markdown, plot_ablation
     from ibkit.shapes.specs import chance_level
 
     started = time.perf_counter()
-    base = Pipeline(out, out, sizes=sizes, steps=dict(steps or {}), max_eval_samples=max_eval_samples)
+    base = Pipeline(out, out, sizes=sizes, steps=dict(steps or {}), max_eval_samples=max_eval_samples,
+                    relations=relations)
     swapped = Pipeline(out, out / "swapped_encoder", sizes=sizes, steps=dict(steps or {}),
-                       max_eval_samples=max_eval_samples, **SWAP)
+                       max_eval_samples=max_eval_samples, relations=relations, **SWAP)
     ledger = WorkLedger(out / "ablation_seconds.json")
     command_processes()  # its server imports while the data renders
     with ledger.timing("data"):
@@ -429,7 +252,7 @@ def _run_ablation(out: Path, seeds: tuple[int, ...], steps: dict[str, int | None
         for seed in seeds:
             pipeline = Pipeline(out, source.runs / f"{arm}_seed{seed}", seed=seed, sizes=sizes, steps=source.steps,
                                 max_eval_samples=max_eval_samples, encoder_config=source.encoder_config, swap=source.swap,
-                                pretrained_runs=source.runs)
+                                pretrained_runs=source.runs, relations=relations)
             runs.setdefault(arm, []).append(pipeline)
             if not (pipeline.results_dir("instructblip") / "results.json").exists():
                 pending.append((f"{arm} seed {seed}", pipeline, [*extra, f"--data.init_args.seed={seed}"]))
@@ -468,12 +291,12 @@ def _run_ablation(out: Path, seeds: tuple[int, ...], steps: dict[str, int | None
 
 
 def _arm_lane(pipeline: Pipeline, tuning: list[str]) -> dict[str, Commands]:
-    """One ablation run's steps in order: the side warm-up (unless its checkpoint exists), the mixture with
-    ``tuning`` (the arm's arguments and seed), then InstructBLIP's evaluation (an arm without the instruction
-    input is evaluated without it)."""
+    """One ablation run's steps in order: the side warm-up and the relation recipe's phase (each unless its
+    checkpoint exists), the mixture with ``tuning`` (the arm's arguments and seed), then InstructBLIP's evaluation
+    (an arm without the instruction input is evaluated without it)."""
     name = pipeline.runs.name
-    lane = {} if pipeline.ckpt("instruct_side").exists() else {f"{name} instruct_side": pipeline.instruct_side(tuning)}
-    lane[f"{name} instruct"] = pipeline.instruct(tuning)
+    lane = {f"{name} {step}": commands for step, commands in pipeline.tuning(tuning).items()
+            if step == "instruct" or not pipeline.ckpt(step).exists()}
     lane[f"{name} evaluate"] = pipeline.evaluate("instructblip", [a for a in tuning if "instruction_aware" in a])
     return lane
 
@@ -486,7 +309,7 @@ def _overall(by_type: dict[str, dict]) -> float:
 
 def demo(output_dir: str | None = None, seed: int = 0, steps: dict[str, int] | None = None,
          max_eval_samples: int | None = None, ablation: bool = False, seeds: Sequence[int] = (0, 1, 2),
-         sizes: str | None = None) -> None:
+         sizes: str | None = None, relations: bool = False) -> None:
     """InstructBLIP's pipeline end to end on the CPU: pretrained encoder and instruction-trained T5 (both
     trained here), BLIP-2 stages 1 and 2, instruction tuning, zero-shot evaluation of BLIP-2 and InstructBLIP.
 
@@ -502,11 +325,14 @@ def demo(output_dir: str | None = None, seed: int = 0, steps: dict[str, int] | N
             ``seeds`` instead.
         seeds: the seeds of ``ablation``.
         sizes: split sizes of the shapes data, e.g. ``'{train: 64, val: 8, test: 8}'``.
+        relations: the relation recipe (docs/demo.md): its data (:mod:`ibkit.shapes.relations`), the Q-Former's
+            BERT, a longer stage 2 and the relation phase (``configs/instruct_relation.yaml``); by default in
+            outputs/demo_relations.
     """
     from ibkit.models.precision import pinned_cpu_bf16
 
-    output_dir = output_dir or default_output_dir(ablation, seed)
-    steps = check_steps(steps)
+    output_dir = output_dir or default_output_dir(ablation, seed, relations)
+    steps = check_steps(steps, relations)
     with pinned_cpu_bf16() as bf16:  # one precision for every step: a noisy timing must not change a result
         print(f"[demo] fast bf16 on this CPU: {'yes' if bf16 else 'no'} (decided once for every step)", flush=True)
         adjusted = precision_steps(steps, bf16)
@@ -515,6 +341,6 @@ def demo(output_dir: str | None = None, seed: int = 0, steps: dict[str, int] | N
                   flush=True)
         steps = adjusted
         if ablation:
-            run_ablation(output_dir, tuple(seeds), steps, max_eval_samples, sizes)
+            run_ablation(output_dir, tuple(seeds), steps, max_eval_samples, sizes, relations)
         else:
-            run_demo(output_dir, seed, steps, max_eval_samples, sizes)
+            run_demo(output_dir, seed, steps, max_eval_samples, sizes, relations)

@@ -6,10 +6,12 @@ shows or names. Every answer is derived from the scene, which is stored beside t
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from ibkit.shapes.relations import RELATION_QA_TYPES, relation_pool, relation_records
 from ibkit.shapes.render import COLORS, SHAPES, Scene, ShapeObject
 from ibkit.shapes.scenes import (
     ALL_PAIRS,
@@ -84,9 +86,12 @@ def _make_caption(rng: random.Random) -> tuple[Record, Scene]:
     return {"answers": [*captions_for(scene), describe(scene)]}, scene
 
 
-def _make_vqa(rng: random.Random) -> tuple[Record, Scene]:
+def _make_vqa(rng: random.Random, relations: bool = False) -> tuple[Record, Scene]:
     scene = _plain_scene(rng)
-    question, answer, qtype = pick_qa(rng, qa_pool(scene, TRAIN_PAIRS))
+    if relations:  # the relation recipe's held-in questions (ibkit.shapes.relations)
+        question, answer, qtype = pick_qa(rng, relation_pool(scene, TRAIN_PAIRS), RELATION_QA_TYPES)
+    else:
+        question, answer, qtype = pick_qa(rng, qa_pool(scene, TRAIN_PAIRS))
     return {
         "question": question,
         "answers": [answer] * VQA_ANSWER_COPIES,
@@ -108,11 +113,11 @@ VQA_TRAIN_QUESTIONS = {"color": 2, "shape": 2, "count": 1, "exists": 2, "size": 
 WHOLE_COUNT_QUESTION = "How many shapes are there?"
 
 
-def _make_vqa_train(rng: random.Random) -> tuple[list[Record], Scene]:
+def _make_vqa_train(rng: random.Random, relations: bool = False) -> tuple[list[Record], Scene]:
     """Several questions about one picture (VQA_TRAIN_QUESTIONS, and WHOLE_COUNT_QUESTION), as VQAv2 has: one
-    record each."""
+    record each; with ``relations`` the recipe's relation questions and side statement after them."""
     scene = _plain_scene(rng)
-    pool = qa_pool(scene, TRAIN_PAIRS)
+    pool = relation_pool(scene, TRAIN_PAIRS) if relations else qa_pool(scene, TRAIN_PAIRS)
     records = []
     for qtype, most in VQA_TRAIN_QUESTIONS.items():
         if qtype == "exists":
@@ -124,6 +129,8 @@ def _make_vqa_train(rng: random.Random) -> tuple[list[Record], Scene]:
     if all(record["question"] != WHOLE_COUNT_QUESTION for record in records):
         records.append({"question": WHOLE_COUNT_QUESTION, "answers": [str(len(scene.objects))] * VQA_ANSWER_COPIES,
                         "extra": {"question_type": "count"}})
+    if relations:
+        records += relation_records(rng, scene, VQA_ANSWER_COPIES)
     return records, scene
 
 
@@ -370,6 +377,11 @@ TASKS: dict[str, Maker] = {
 TRAIN_TASKS: dict[str, MultiMaker] = {"shapes_vqa": _make_vqa_train}
 
 
-def maker_for(name: str, split: str) -> Maker | MultiMaker:
-    """The generator of ``name``'s ``split``: TRAIN_TASKS for a train split that has one, else TASKS."""
-    return TRAIN_TASKS.get(name, TASKS[name]) if split == "train" else TASKS[name]
+RELATION_DATASETS = ("shapes_vqa",)  # the image datasets that a relations workspace makes differently
+
+
+def maker_for(name: str, split: str, relations: bool = False) -> Maker | MultiMaker:
+    """The generator of ``name``'s ``split``: TRAIN_TASKS for a train split that has one, else TASKS; with
+    ``relations``, held-in VQA's of the relation recipe (:mod:`ibkit.shapes.relations`)."""
+    maker = TRAIN_TASKS.get(name, TASKS[name]) if split == "train" else TASKS[name]
+    return functools.partial(maker, relations=True) if relations and name in RELATION_DATASETS else maker

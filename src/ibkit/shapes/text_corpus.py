@@ -23,6 +23,7 @@ from pathlib import Path
 from ibkit.data.registry import PROMPT_CAPTION, PROMPT_MULTIPLE_CHOICE, PROMPT_SHORT_QA
 from ibkit.data.templates import TEMPLATES, format_options, render
 from ibkit.shapes.folders import holds_set, move_into_place
+from ibkit.shapes.relations import CONTEXT_KINDS, RELATION_QA_TYPES, context_item, relation_pool
 from ibkit.shapes.render import COLORS, SHAPES, Scene
 from ibkit.shapes.scenes import (
     QA_TYPES,
@@ -50,6 +51,7 @@ OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "bel
 PRESENCE_QUESTIONS = ("Is there a {color} shape?", "Is any shape {color}?", "Is one of the shapes {color}?")
 OBJECTS = (1, 4)  # the fewest and most objects a described scene has
 KINDS = (*(f"qa_{qtype}" for qtype in QA_TYPES), "caption", "true_false", "options", "color_present", "dialog")
+RELATION_KINDS = (*(f"qa_{qtype}" for qtype in RELATION_QA_TYPES), *KINDS[len(QA_TYPES):])  # a relations corpus
 
 
 # ------------------------------------------------------------------------------------------------ instructions
@@ -63,8 +65,8 @@ def _instruction(rng: random.Random, fixed: str, template_set: str, **fields: st
     return render(template, values)
 
 
-def _short_qa(rng: random.Random, scene: Scene, qtype: str) -> Item | None:
-    pool = qa_pool(scene, TRAIN_PAIRS)
+def _short_qa(rng: random.Random, scene: Scene, qtype: str, relations: bool = False) -> Item | None:
+    pool = relation_pool(scene, TRAIN_PAIRS) if relations else qa_pool(scene, TRAIN_PAIRS)
     has_question = pool["exists_yes"] or pool["exists_no"] if qtype == "exists" else pool[qtype]
     if not has_question:
         return None
@@ -134,10 +136,15 @@ def _dialog(rng: random.Random, scene: Scene) -> Item:
     return _instruction(rng, PROMPT_DIALOG, "dialog", context=context, question=question), answer, [answer]
 
 
-def make_item(rng: random.Random, scene: Scene, kind: str) -> Item | None:
-    """(instruction, target, accepted answers) of ``kind`` about ``scene``; None when the scene has no such question."""
+def make_item(rng: random.Random, scene: Scene, kind: str, relations: bool = False) -> Item | None:
+    """(instruction, target, accepted answers) of ``kind`` about ``scene``; None when the scene has no such question.
+    With ``relations``, the relation recipe's: a :data:`~ibkit.shapes.relations.CONTEXT_KINDS` item is one
+    relation sentence and its question, which stands in the prompt without the description."""
+    if relations and kind in CONTEXT_KINDS:
+        prompts = {"qa_relation": (PROMPT_SHORT_QA, "vqa"), "true_false": (PROMPT_TRUE_FALSE, "true_false")}
+        return context_item(rng, scene, kind, lambda kind, question: _instruction(rng, *prompts[kind], question=question))
     if kind.startswith("qa_"):
-        return _short_qa(rng, scene, kind.removeprefix("qa_"))
+        return _short_qa(rng, scene, kind.removeprefix("qa_"), relations)
     makers: dict[str, Callable[[random.Random, Scene], Item | None]] = {
         "caption": _caption, "true_false": _true_false, "options": _with_options,
         "color_present": _color_present, "dialog": _dialog,
@@ -145,7 +152,8 @@ def make_item(rng: random.Random, scene: Scene, kind: str) -> Item | None:
     return makers[kind](rng, scene)
 
 
-def make_record(rng: random.Random, kinds: Sequence[str] = KINDS, objects: tuple[int, int] = OBJECTS) -> dict:
+def make_record(rng: random.Random, kinds: Sequence[str] = KINDS, objects: tuple[int, int] = OBJECTS,
+                relations: bool = False) -> dict:
     """One (prompt, target) record: the kind uniformly from ``kinds``, a fresh scene of ``objects[0]`` to
     ``objects[1]`` objects until the kind fits it.
 
@@ -154,22 +162,24 @@ def make_record(rng: random.Random, kinds: Sequence[str] = KINDS, objects: tuple
     kind = rng.choice(list(kinds))
     while True:
         scene = sample_scene(rng, rng.randint(*objects), TRAIN_PAIRS)
-        item = make_item(rng, scene, kind)
+        item = make_item(rng, scene, kind, relations)
         if item is not None:
             break
     instruction, target, answers = item
     return {
-        "prompt": f"{describe(scene)} {instruction}",
+        "prompt": instruction if relations and kind in CONTEXT_KINDS else f"{describe(scene)} {instruction}",
         "target": target,
         "answers": answers,
         "kind": kind,
     }
 
 
-def make_records(seed: int, split: str, count: int) -> list[dict]:
-    """``count`` records of ``split``; the same for the same (seed, split) in every process."""
+def make_records(seed: int, split: str, count: int, relations: bool = False) -> list[dict]:
+    """``count`` records of ``split``; the same for the same (seed, split) in every process. ``relations``: the
+    relation recipe's corpus (:data:`RELATION_KINDS`, :func:`make_item`)."""
     rng = random.Random(f"ibkit-shapes:{seed}:{TEXT_CORPUS}:{split}")
-    return [make_record(rng) for _ in range(count)]
+    kinds = RELATION_KINDS if relations else KINDS
+    return [make_record(rng, kinds, relations=relations) for _ in range(count)]
 
 
 def make_focused_records(seed: int, split: str, count: int, kinds: Sequence[str],
@@ -194,11 +204,12 @@ def kind_counts(records: Sequence[dict]) -> Counter:
 # ------------------------------------------------------------------------------------------------ on disk
 
 
-def write_text_corpus(root: str | Path, seed: int, sizes: dict[str, int]) -> Path:
+def write_text_corpus(root: str | Path, seed: int, sizes: dict[str, int], relations: bool = False) -> Path:
     """``<root>/shapes/shapes_text/{train,val}.json`` (``{"info", "records"}``) + a manifest; idempotent,
     written to a scratch folder first so that a crash never leaves half a corpus."""
     folder = Path(root).expanduser() / "shapes" / TEXT_CORPUS
-    manifest = {"generator_version": CORPUS_VERSION, "dataset": TEXT_CORPUS, "seed": seed, "sizes": dict(sizes)}
+    manifest = {"generator_version": CORPUS_VERSION, "dataset": TEXT_CORPUS, "seed": seed, "sizes": dict(sizes),
+                **({"relations": True} if relations else {})}
     if holds_set(folder, manifest, manifest["sizes"]):
         return folder
     scratch = folder.with_name(f".{TEXT_CORPUS}.tmp-{os.getpid()}")
@@ -206,7 +217,7 @@ def write_text_corpus(root: str | Path, seed: int, sizes: dict[str, int]) -> Pat
     scratch.mkdir(parents=True)
     for split, count in sizes.items():
         info = {"dataset": TEXT_CORPUS, "split": split, "seed": seed}
-        payload = {"info": info, "records": make_records(seed, split, count)}
+        payload = {"info": info, "records": make_records(seed, split, count, relations)}
         (scratch / f"{split}.json").write_text(json.dumps(payload))
     (scratch / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     move_into_place(scratch, folder, lambda: holds_set(folder, manifest, manifest["sizes"]))

@@ -16,7 +16,7 @@ from pathlib import Path
 from ibkit.shapes.folders import holds_set, move_into_place
 from ibkit.shapes.render import check_image_size, render_image, save_png, write_clip
 from ibkit.shapes.specs import SPECS, SUITE
-from ibkit.shapes.tasks import maker_for
+from ibkit.shapes.tasks import RELATION_DATASETS, maker_for
 from ibkit.shapes.text_corpus import TEXT_CORPUS, TEXT_SPLITS, write_text_corpus
 
 # bump when the generated content changes: old folders then fail the manifest check
@@ -54,14 +54,11 @@ def wants_text_corpus(sizes: dict[str, int] | None) -> bool:
     return f"{TEXT_CORPUS}.train" in (sizes or {})
 
 
-def _manifest(name: str, seed: int, image_size: int, sizes: dict[str, int]) -> dict:
-    return {
-        "generator_version": GENERATOR_VERSION,
-        "dataset": name,
-        "seed": seed,
-        "image_size": image_size,
-        "sizes": sizes,
-    }
+def _manifest(name: str, seed: int, image_size: int, sizes: dict[str, int], relations: bool = False) -> dict:
+    manifest = {"generator_version": GENERATOR_VERSION, "dataset": name, "seed": seed, "image_size": image_size,
+                "sizes": sizes}
+    # only where the recipe changes the set: a default workspace keeps its manifests, so it is not rewritten
+    return {**manifest, "relations": True} if relations and name in RELATION_DATASETS else manifest
 
 
 def _up_to_date(folder: Path, manifest: dict) -> bool:
@@ -78,7 +75,7 @@ def _generate(folder: Path, manifest: dict, progress: Callable[[int], object]) -
     for split, count in manifest["sizes"].items():
         rng = random.Random(f"ibkit-shapes:{seed}:{name}:{split}")  # str seeds are stable across processes
         records = []
-        maker = maker_for(name, split)
+        maker = maker_for(name, split, bool(manifest.get("relations")))
         for index in range(count):  # count pictures (clips); a picture with several questions has a record each
             fields, scene = maker(rng)
             relative = f"{split}/{index:06d}." + ("mp4" if spec.modality == "video" else "png")
@@ -112,6 +109,7 @@ def make_shapes(
     *,
     names: Iterable[str] | None = None,
     progress: bool = True,
+    relations: bool = False,
 ) -> dict[str, Path]:
     """Generate the shapes datasets under ``<root>/shapes/<name>/``; returns name -> folder.
 
@@ -120,7 +118,8 @@ def make_shapes(
     ``"<dataset>.<split>"`` to a count of pictures (clips) (defaults: DEFAULT_SIZES); one picture is one
     sample except in shapes_vqa's train split, which asks several questions of each (VQAv2-like). The text
     instruction corpus (:mod:`ibkit.shapes.text_corpus`, ``<root>/shapes/shapes_text/``) is written only
-    when ``sizes`` names ``shapes_text.train``, so that other presets stay unchanged.
+    when ``sizes`` names ``shapes_text.train``, so that other presets stay unchanged. ``relations`` makes
+    held-in VQA and the text corpus of the relation recipe (:mod:`ibkit.shapes.relations`).
     """
     from tqdm import tqdm
 
@@ -133,7 +132,7 @@ def make_shapes(
         raise KeyError(f"unknown shapes dataset(s) {unknown}; known: {', '.join([*SPECS, TEXT_CORPUS])}")
     base = Path(root).expanduser() / SUITE
     images = [name for name in selected if name in SPECS]
-    manifests = {name: _manifest(name, seed, image_size, split_sizes(name, sizes)) for name in images}
+    manifests = {name: _manifest(name, seed, image_size, split_sizes(name, sizes), relations) for name in images}
     todo = [name for name in images if not _up_to_date(base / name, manifests[name])]
     total = sum(sum(manifests[name]["sizes"].values()) for name in todo)
     with tqdm(total=total, desc="generating shapes", unit="sample", disable=not progress or not todo) as bar:
@@ -143,7 +142,7 @@ def make_shapes(
             _generate(base / name, manifests[name], bar.update)
     folders = {name: base / name for name in images}
     if wants_text_corpus(sizes) and (names is None or TEXT_CORPUS in selected):
-        folders[TEXT_CORPUS] = write_text_corpus(root, seed, split_sizes(TEXT_CORPUS, sizes))
+        folders[TEXT_CORPUS] = write_text_corpus(root, seed, split_sizes(TEXT_CORPUS, sizes), relations)
     return folders
 
 
