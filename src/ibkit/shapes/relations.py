@@ -24,9 +24,16 @@ import random
 from collections.abc import Sequence
 
 from ibkit.shapes.render import Scene, ShapeObject
-from ibkit.shapes.scenes import QA_TYPES, RELATIONS, SIDE_THRESHOLD, object_name, qa_pool, relation_holds
+from ibkit.shapes.scenes import (
+    OPPOSITE,
+    QA_TYPES,
+    RELATIONS,
+    SIDE_THRESHOLD,
+    object_name,
+    qa_pool,
+    relation_holds,
+)
 
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 EITHER_OR_ANSWER = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
 RELATION_QA_TYPES = (*QA_TYPES, "relation")  # held-in VQA's question types in a relations workspace
 STATEMENT_TYPE = "side_statement"  # the side statements' question type (training pictures only)

@@ -21,6 +21,7 @@ SIDE_THRESHOLD = 0.15  # "on the left/right" is asked only when the centre is th
 BACKGROUNDS = ((245, 245, 245), (240, 236, 226), (232, 240, 246), (238, 245, 234))
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 RELATIONS = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 ALL_PAIRS: tuple[tuple[str, str], ...] = tuple(product(COLORS, SHAPES))
 # NoCaps-style novel objects: each colour and each shape still occurs in training, only these combinations never.

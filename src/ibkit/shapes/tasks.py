@@ -17,6 +17,7 @@ from ibkit.shapes.scenes import (
     ALL_PAIRS,
     BACKGROUNDS,
     NOVEL_PAIRS,
+    OPPOSITE,
     RELATIONS,
     SIZE_WORDS,
     TRAIN_PAIRS,
@@ -53,7 +54,6 @@ DIALOG_VOCAB: tuple[str, ...] = (*COLORS, *SHAPES, *"01234", "yes", "no", *SIZE_
 VIDEO_VOCAB: tuple[str, ...] = (*DIRECTIONS, *COLORS, *SHAPES)
 TRUE_FALSE = ("false", "true")  # candidate order of the registry's VSR convention: label 1 = true
 NO_YES = ("no", "yes")  # HatefulMemes convention: label 1 = yes
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 VQA_ANSWER_COPIES = 10  # VQAv2 has 10 annotator answers; identical copies make the VQA metric exact
 
 Record = dict  # the annotation fields of one sample (question, answers, candidates, ...)

@@ -26,6 +26,7 @@ from ibkit.shapes.folders import holds_set, move_into_place
 from ibkit.shapes.relations import CONTEXT_KINDS, RELATION_QA_TYPES, context_item, relation_pool
 from ibkit.shapes.render import COLORS, SHAPES, Scene
 from ibkit.shapes.scenes import (
+    OPPOSITE,
     QA_TYPES,
     RELATIONS,
     TRAIN_PAIRS,
@@ -47,7 +48,6 @@ PROMPT_DIALOG = "Dialog history: {context} Question: {question} Short answer:"  
 FIXED_PROMPT_SHARE = 0.5  # how often an instruction is the evaluation prompt itself, else a template
 NUM_OPTIONS = 4
 MAX_DIALOG_ROUNDS = 3
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 PRESENCE_QUESTIONS = ("Is there a {color} shape?", "Is any shape {color}?", "Is one of the shapes {color}?")
 OBJECTS = (1, 4)  # the fewest and most objects a described scene has
 KINDS = (*(f"qa_{qtype}" for qtype in QA_TYPES), "caption", "true_false", "options", "color_present", "dialog")
