@@ -187,3 +187,20 @@ def test_shapes_questions_join_a_masked_lm_text_only(tmp_path):
     missing = ShapesTextDataModule(root=str(tmp_path), sizes=sizes, question_texts_of=["shapes_nothing"])
     with pytest.raises(FileNotFoundError, match="shapes_nothing"):
         missing.setup("fit")
+
+
+def test_a_masked_lm_can_take_random_batches_instead_of_batches_of_one_length(corpus):
+    from ibkit.data.text import LengthGroupedBatches
+
+    lengths = [1] * 64 + [50] * 64
+
+    def mixed(batches) -> int:
+        return sum(len({lengths[i] for i in batch}) > 1 for batch in batches)
+
+    grouped, drawn = (list(LengthGroupedBatches(lengths, 8, seed=0, group=group)) for group in (64, 1))
+    assert mixed(grouped) <= 1 and mixed(drawn) >= 10  # of 16 batches
+    assert sorted(i for batch in drawn for i in batch) == list(range(128))  # every record once an epoch
+    data = TextDataModule(train_files=[str(corpus / "train.jsonl")], batch_size=8, group_by_length=False)
+    data.connect(_module(corpus).processor(), is_encoder_decoder=False, masked=True)
+    data.setup("fit")
+    assert data.train_dataloader().batch_sampler.group == 1

@@ -312,7 +312,8 @@ class ShapesTextDataModule(TextDataModule):
                  eval_batch_size: int | None = None, max_prompt_len: int = 192, max_target_len: int = 32,
                  max_eval_samples: int | None = None, num_workers: int = 0, seed: int = 0,
                  focus_kinds: list[str] | None = None, focus_objects: tuple[int, int] = (1, 4),
-                 question_texts_of: list[str] | None = None, relations: bool = False) -> None:
+                 question_texts_of: list[str] | None = None, relations: bool = False,
+                 group_by_length: bool = True) -> None:
         from ibkit.shapes.text_corpus import TEXT_CORPUS, make_focused_records
         from ibkit.shapes.writer import wants_text_corpus
 
@@ -325,7 +326,7 @@ class ShapesTextDataModule(TextDataModule):
                          tokenizer=tokenizer or str(root_path / "tokenizers" / "llm"), batch_size=batch_size,
                          eval_batch_size=eval_batch_size, max_prompt_len=max_prompt_len,
                          max_target_len=max_target_len, max_eval_samples=max_eval_samples,
-                         num_workers=num_workers, seed=seed)
+                         num_workers=num_workers, seed=seed, group_by_length=group_by_length)
         self.root, self.data_seed, self.render_size, self.sizes = root_path, data_seed, render_size, dict(sizes or {})
         self.focus = None if focus_kinds is None else (list(focus_kinds), tuple(focus_objects))
         if self.focus is not None:  # no records yet (setup makes them), but a wrong kind or range fails now
