@@ -19,16 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 
-from ibkit.models.state import persistent_keys
-from ibkit.training.checkpoint import (
-    AtomicCheckpointIO,
-    check_trainable_state,
-    load_trainable_weights,
-    save_trainable_state,
-)
-from ibkit.training.optim import OptimSettings, configure_warmup_cosine
+from ibkit.training.optim import OptimSettings
+from ibkit.training.text_lm import TextModule
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +69,7 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
     return inputs, labels
 
 
-class MaskedLMModule(LightningModule):
+class MaskedLMModule(TextModule):
     """Train a small BERT (transformers ``BertForMaskedLM``) by masked-language modelling on text.
 
     Args:
@@ -95,39 +88,17 @@ class MaskedLMModule(LightningModule):
     def __init__(self, config: dict[str, Any], tokenizer: str | None = None, mask_probability: float = 0.15,
                  mask_share: float = MASK_SHARE, random_share: float = RANDOM_SHARE,
                  optim: OptimSettings | None = None) -> None:
-        super().__init__()
+        super().__init__(tokenizer, optim or MASKED_LM_OPTIM)
         from transformers import BertConfig, BertForMaskedLM
 
         check_masking(mask_probability, mask_share, random_share)  # before any step
         self.bert = BertForMaskedLM(BertConfig(**config))
-        self.tokenizer_path = tokenizer
         self.mask_probability, self.mask_share, self.random_share = mask_probability, mask_share, random_share
-        self.optim = optim or MASKED_LM_OPTIM
-        self.strict_loading = False  # checked strictly by check_trainable_state
-        self._tokenizer: Any = None
-        self._val: dict[str, Any] = {}
 
-    # ----------------------------------------------------------------------------------- building
-    def processor(self) -> Any:
-        """The tokenizer (``ibkit export`` saves it beside the model)."""
-        if self._tokenizer is None and self.tokenizer_path is not None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        return self._tokenizer
+    checkpoint_name = "masked_lm"
 
     def configure_model(self) -> None:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "connect"):
-            self._tokenizer = datamodule.connect(self.processor(), is_encoder_decoder=False, masked=True)
-        tokenizer = self._tokenizer
-        if tokenizer is not None and len(tokenizer) > self.bert.config.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the BERT only "
-                             f"{self.bert.config.vocab_size} rows: set config.vocab_size")
-
-    def setup(self, stage: str) -> None:
-        if type(self.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
-            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        self._connect(self.bert.config.vocab_size, is_encoder_decoder=False, masked=True)
 
     def _masking_ids(self) -> tuple[list[int], int]:
         tokenizer = self._tokenizer
@@ -150,14 +121,8 @@ class MaskedLMModule(LightningModule):
     # ----------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, _, _ = self._masked_loss(batch)
-        size = int(batch["input_ids"].shape[0])
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
-        if self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=size)
+        self._log_training(loss, batch)
         return loss
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return configure_warmup_cosine(self.named_parameters(), self.optim, self.trainer)
 
     # ----------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -184,19 +149,7 @@ class MaskedLMModule(LightningModule):
         self.log("val/loss", val["loss"] / val["tokens"], sync_dist=False)
         self.log("val/acc", val["right"] / val["tokens"], sync_dist=False)
 
-    # ----------------------------------------------------------------------------------- checkpoints, export
-    def trainable_state_keys(self) -> set[str]:
-        return persistent_keys(self)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_trainable_state(self, checkpoint, {"pretrained": None, "module": "masked_lm"})
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_trainable_state(self, checkpoint, None)
-
-    def load_trainable_weights(self, checkpoint: dict[str, Any] | str | Path) -> None:
-        load_trainable_weights(self, checkpoint)
-
+    # ----------------------------------------------------------------------------------- export
     def save_model(self, output: str | Path, processor: Any = None) -> Path:
         """``ibkit export``: a transformers BERT folder (+ the tokenizer), which ``init_from`` loads into a
         Q-Former as it loads bert-base-uncased."""

@@ -56,7 +56,67 @@ def greedy_answers(language_model: LanguageModel, tokenizer: Any, input_ids: tor
     return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
-class TextLMModule(LightningModule):
+class TextModule(LightningModule):
+    """What the demo's text-only models share: a tokenizer (its folder, else the datamodule's through ``connect``),
+    checkpoints that hold the trainable weights only, the training loss and learning rate logged, AdamW with
+    warm-up and cosine. ``checkpoint_name`` names the module in its checkpoints."""
+
+    checkpoint_name = "text"
+
+    def __init__(self, tokenizer: str | None, optim: OptimSettings) -> None:
+        super().__init__()
+        self.tokenizer_path = tokenizer
+        self.optim = optim
+        self.strict_loading = False  # checked strictly by check_trainable_state
+        self._tokenizer: Any = None
+        self._val: dict[str, Any] = {}
+
+    def processor(self) -> Any:
+        """The tokenizer (``ibkit export`` saves it beside the model)."""
+        if self._tokenizer is None and self.tokenizer_path is not None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        return self._tokenizer
+
+    def _connect(self, vocab_size: int, **kind: bool) -> None:
+        """Take the datamodule's tokenizer (``connect(tokenizer, **kind)``) and refuse one with more tokens than
+        the model has rows."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "connect"):
+            self._tokenizer = datamodule.connect(self.processor(), **kind)
+        tokenizer = self._tokenizer
+        if tokenizer is not None and len(tokenizer) > vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model only {vocab_size} rows: set the "
+                             "model's vocab_size")
+
+    def setup(self, stage: str) -> None:
+        if type(self.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def _log_training(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
+        size = int(batch["input_ids"].shape[0])
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
+        if self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=size)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return configure_warmup_cosine(self.named_parameters(), self.optim, self.trainer)
+
+    def trainable_state_keys(self) -> set[str]:
+        return persistent_keys(self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_trainable_state(self, checkpoint, {"pretrained": None, "module": self.checkpoint_name})
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_trainable_state(self, checkpoint, None)
+
+    def load_trainable_weights(self, checkpoint: dict[str, Any] | str | Path) -> None:
+        load_trainable_weights(self, checkpoint)
+
+
+class TextLMModule(TextModule):
     """Train a language model on (prompt, target) text.
 
     Args:
@@ -77,43 +137,25 @@ class TextLMModule(LightningModule):
     def __init__(self, language_model: LanguageModel, tokenizer: str | None = None,
                  optim: OptimSettings | None = None, max_new_tokens: int = 32, fast_paths: bool = False,
                  loss_reduction: str = "token") -> None:
-        super().__init__()
+        super().__init__(tokenizer, optim or TEXT_LM_OPTIM)
         if not any(p.requires_grad for p in language_model.parameters()):
             raise ValueError("TextLMModule trains the language model: build it with frozen: false (or LoRA)")
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction: {loss_reduction!r}; choose one of {list(LOSS_REDUCTIONS)}")
         self.loss_reduction = loss_reduction
         self.language_model = language_model
-        self.tokenizer_path = tokenizer
-        self.optim = optim or TEXT_LM_OPTIM
         self.max_new_tokens = max_new_tokens
         self.fast_paths = fast_paths
         self._policy: Any = None  # the PrecisionPolicy, chosen at setup for the trainer's device
-        self.strict_loading = False  # checked strictly by check_trainable_state
-        self._tokenizer: Any = None
-        self._val: dict[str, Any] = {}
+
+    checkpoint_name = "text_lm"
 
     # ----------------------------------------------------------------------------------- building
-    def processor(self) -> Any:
-        """The tokenizer (``ibkit export`` saves it beside the model)."""
-        if self._tokenizer is None and self.tokenizer_path is not None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        return self._tokenizer
-
     def configure_model(self) -> None:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "connect"):
-            self._tokenizer = datamodule.connect(self.processor(), self.language_model.is_encoder_decoder)
-        tokenizer = self._tokenizer
-        if tokenizer is not None and len(tokenizer) > self.language_model.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the language model only "
-                             f"{self.language_model.vocab_size} rows: set the model's vocab_size")
+        self._connect(self.language_model.vocab_size, is_encoder_decoder=self.language_model.is_encoder_decoder)
 
     def setup(self, stage: str) -> None:
-        if type(self.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
-            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        super().setup(stage)
         if self.fast_paths and self._policy is None:
             from ibkit.models.precision import default_policy
 
@@ -139,14 +181,8 @@ class TextLMModule(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         with training_autocast(self._policy, self.device.type):
             loss = self._loss(batch, self.loss_reduction)
-        size = int(batch["input_ids"].shape[0])
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
-        if self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=size)
+        self._log_training(loss, batch)
         return loss
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return configure_warmup_cosine(self.named_parameters(), self.optim, self.trainer)
 
     # ----------------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -186,19 +222,7 @@ class TextLMModule(LightningModule):
             self.log(f"val/acc_{kind}", val["right"][kind] / val["seen"][kind], sync_dist=False)
         self.log("val/acc", sum(val["right"].values()) / sum(val["seen"].values()), sync_dist=False)
 
-    # ----------------------------------------------------------------------------------- checkpoints, export
-    def trainable_state_keys(self) -> set[str]:
-        return persistent_keys(self)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_trainable_state(self, checkpoint, {"pretrained": None, "module": "text_lm"})
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_trainable_state(self, checkpoint, None)
-
-    def load_trainable_weights(self, checkpoint: dict[str, Any] | str | Path) -> None:
-        load_trainable_weights(self, checkpoint)
-
+    # ----------------------------------------------------------------------------------- export
     def save_model(self, output: str | Path, processor: Any = None) -> Path:
         """``ibkit export``: the LM as a transformers folder (LoRA merged) + the tokenizer, loadable by
         ``LanguageModel(name_or_path=output)``."""
