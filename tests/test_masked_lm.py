@@ -8,6 +8,7 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
+from fixtures_text import write_text_corpus
 
 from ibkit.data.text import MaskedTextCollator, TextDataModule
 from ibkit.training.checkpoint import RunCheckpoint
@@ -22,16 +23,7 @@ TINY_BERT = {"vocab_size": 256, "hidden_size": 32, "num_hidden_layers": 2, "num_
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Shapes corpus records (JSONL train, JSON val) and a BERT-like word-level tokenizer covering them."""
-    from ibkit.shapes.datamodule import QFORMER_SPECIALS, build_vocabulary, word_level_tokenizer
-    from ibkit.shapes.text_corpus import make_records
-
-    folder = tmp_path_factory.mktemp("text")
-    train, val = make_records(0, "train", 64), make_records(0, "val", 16)
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
-    (folder / "val.json").write_text(json.dumps({"records": val}))
-    texts = [r["prompt"] for r in train + val]
-    word_level_tokenizer(build_vocabulary(texts, 256, QFORMER_SPECIALS), "bert").save_pretrained(folder / "tok")
-    return folder
+    return write_text_corpus(tmp_path_factory.mktemp("text"), "bert", train=64, val=16)
 
 
 def _data(corpus) -> TextDataModule:

@@ -8,6 +8,7 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
+from fixtures_text import write_text_corpus
 
 from ibkit.data.text import IGNORE_INDEX, TextDataModule, TextPairCollator, read_text_pairs
 from ibkit.models.language import LanguageModel
@@ -24,17 +25,7 @@ TINY_T5 = {"model_type": "t5", "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A few shapes corpus records (JSONL train, JSON val) and a word-level tokenizer covering them."""
-    from ibkit.shapes.datamodule import LLM_SPECIALS, build_vocabulary, word_level_tokenizer
-    from ibkit.shapes.text_corpus import make_records
-
-    folder = tmp_path_factory.mktemp("text")
-    train, val = make_records(0, "train", 48), make_records(0, "val", 8)
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
-    (folder / "val.json").write_text(json.dumps({"records": val}))
-    texts = [r["prompt"] + " " + " ".join(r["answers"]) for r in train + val]
-    tokenizer = word_level_tokenizer(build_vocabulary(texts, 256, LLM_SPECIALS), "t5")
-    tokenizer.save_pretrained(folder / "tok")
-    return folder
+    return write_text_corpus(tmp_path_factory.mktemp("text"), "t5", train=48, val=8)
 
 
 def _module(config: dict, corpus) -> TextLMModule:
