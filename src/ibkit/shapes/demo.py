@@ -13,7 +13,8 @@ module (package data), printed as it runs:
 4. ``blip2_stage2``: BLIP-2 stage 2 (prefix LM on captions) with encoder and T5 frozen;
 5. ``instruct_side``: a warm-up of the Q-Former on the held-in side questions alone (the demo's departure
    from the paper, see ``configs/instruct_side.yaml``), then ``instruct``: instruction tuning of the
-   Q-Former on the held-in shapes tasks;
+   Q-Former on the held-in shapes tasks (with ``--relations true``, the relation recipe of docs/demo.md, the
+   relation phase ``instruct_relation`` comes between them, on data of :mod:`ibkit.shapes.relations`);
 6. ``evaluate``: the BLIP-2 stage-2 model and the instruction-tuned model, zero-shot on the held-out
    families and on held-in VQA, with the same prompts, with standard errors; ``probe``: the T5 from text.
 
