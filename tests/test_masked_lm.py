@@ -10,9 +10,10 @@ import pytest
 import torch
 from fixtures_text import write_text_corpus
 
+from ibkit.data.collate import IGNORE_INDEX
 from ibkit.data.text import MaskedTextCollator, TextDataModule
 from ibkit.training.checkpoint import RunCheckpoint
-from ibkit.training.masked_lm import IGNORE_INDEX, MaskedLMModule, mask_tokens
+from ibkit.training.masked_lm import MaskedLMModule, mask_tokens
 from ibkit.training.optim import OptimSettings
 
 TINY_BERT = {"vocab_size": 256, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ibkit.data.collate import IGNORE_INDEX
 from ibkit.training.optim import OptimSettings
 from ibkit.training.text_lm import TextModule
 
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 #: BERT's rule: of the chosen tokens this share becomes [MASK], this share a random token, the rest is kept
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1
 MASKED_LM_OPTIM = OptimSettings(lr=5e-4, warmup_start_lr=1e-6, warmup_steps=100, weight_decay=0.01)
-IGNORE_INDEX = -100
 
 
 def check_masking(probability: float, mask_share: float, random_share: float) -> None:
