@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from ibkit.shapes.relations import RELATION_QA_TYPES, relation_pool, relation_records
+from ibkit.shapes.relations import RELATION_QA_TYPES, relation_pool, relation_records, relation_sentence
 from ibkit.shapes.render import COLORS, SHAPES, Scene, ShapeObject
 from ibkit.shapes.scenes import (
     ALL_PAIRS,
@@ -24,7 +24,6 @@ from ibkit.shapes.scenes import (
     captions_for,
     describe,
     draw_radius,
-    object_name,
     pick_qa,
     place_boxes,
     qa_pool,
@@ -183,7 +182,7 @@ def _make_vsr(rng: random.Random) -> tuple[Record, Scene]:
     ]  # never empty: shapes do not overlap
     true_statement = rng.random() < 0.5
     relation = rng.choice(holding) if true_statement else OPPOSITE[rng.choice(holding)]
-    statement = f"The {object_name(subject)} is {RELATIONS[relation]} the {object_name(obj)}."
+    statement = relation_sentence(subject, obj, relation)
     label = TRUE_FALSE.index("true" if true_statement else "false")
     return {
         "question": statement,

@@ -23,16 +23,20 @@ from pathlib import Path
 from ibkit.data.registry import PROMPT_CAPTION, PROMPT_MULTIPLE_CHOICE, PROMPT_SHORT_QA
 from ibkit.data.templates import TEMPLATES, format_options, render
 from ibkit.shapes.folders import holds_set, move_into_place
-from ibkit.shapes.relations import CONTEXT_KINDS, RELATION_QA_TYPES, context_item, relation_pool
+from ibkit.shapes.relations import (
+    CONTEXT_KINDS,
+    RELATION_QA_TYPES,
+    context_item,
+    relation_pool,
+    relation_sentence,
+)
 from ibkit.shapes.render import COLORS, SHAPES, Scene
 from ibkit.shapes.scenes import (
     OPPOSITE,
     QA_TYPES,
-    RELATIONS,
     TRAIN_PAIRS,
     captions_for,
     describe,
-    object_name,
     pick_qa,
     position_bins,
     qa_pool,
@@ -96,7 +100,7 @@ def _true_false(rng: random.Random, scene: Scene) -> Item | None:
     subject, obj, relation = rng.choice(facts)
     true_statement = rng.random() < 0.5
     said = relation if true_statement else OPPOSITE[relation]
-    statement = f"The {object_name(subject)} is {RELATIONS[said]} the {object_name(obj)}."
+    statement = relation_sentence(subject, obj, said)
     answer = "true" if true_statement else "false"
     return _instruction(rng, PROMPT_TRUE_FALSE, "true_false", question=statement), answer, [answer]
 
