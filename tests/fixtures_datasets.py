@@ -68,25 +68,36 @@ def _image(path: Path, shade: int = 0) -> None:
     Image.new("RGB", (8, 8), color).save(path, format="PNG" if path.suffix == ".png" else "JPEG")
 
 
-def _video(path: Path, frames: int = 4) -> None:
-    """A 4-frame 16x16 clip (mpeg4 in .avi/.mp4); skipped silently when PyAV is not installed."""
-    try:
-        import av
-        import numpy as np
-    except ImportError:
-        return
+def write_clip(path: Path, frames: list, rate: int, codec: str = "mpeg4") -> None:
+    """Encode RGB arrays (H, W, 3) as a clip, on one thread.
+
+    PyAV's default gives the encoder FFmpeg's pool of one slice thread per core, a pool whose kind has
+    been seen to deadlock beside PyTorch (see ``ibkit.data.video``); a fixture has no use for it.
+    """
+    import av
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
-        stream.time_base = Fraction(1, 4)
-        for index in range(frames):
-            array = np.full((16, 16, 3), 30 * index, dtype=np.uint8)
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            for packet in stream.encode(frame):
+        stream = container.add_stream(codec, rate=rate)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = Fraction(1, rate)
+        stream.codec_context.thread_count = 1
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def _video(path: Path, frames: int = 4) -> None:
+    """A 4-frame 16x16 clip (mpeg4 in .avi/.mp4); skipped silently when PyAV is not installed."""
+    try:
+        import av  # noqa: F401
+        import numpy as np
+    except ImportError:
+        return
+    write_clip(path, [np.full((16, 16, 3), 30 * index, dtype=np.uint8) for index in range(frames)], rate=4)
 
 
 def _coco2014(root: Path, subset: str, image_id: int, shade: int = 0) -> str:

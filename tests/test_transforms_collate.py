@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fixtures_datasets import write_clip
 from PIL import Image
 
 from ibkit.data.collate import IGNORE_INDEX, InstructionCollator, special_token_frame
@@ -145,23 +147,10 @@ def test_load_image_reports_each_kind_of_bad_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ video
-def write_video(path: Path, num_frames: int, size: int = 32) -> list[int]:
+def write_video(path: Path, num_frames: int, size: int = 32, codec: str = "mpeg4") -> list[int]:
     """A video whose frame k is uniformly grey at level 20*k; returns the levels."""
-    import av
-
     levels = [20 * k for k in range(num_frames)]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for level in levels:
-            frame = av.VideoFrame.from_ndarray(
-                np.full((size, size, 3), level, dtype=np.uint8), format="rgb24"
-            )
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_clip(path, [np.full((size, size, 3), level, dtype=np.uint8) for level in levels], rate=10, codec=codec)
     return levels
 
 
@@ -198,6 +187,32 @@ def test_bad_videos_are_skippable_errors(tmp_path):
         with pytest.raises(BadInputError) as caught:
             load_video_frames(path, 4)
         assert caught.value.reason == reason and str(path) in str(caught.value)
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_a_video_decodes_on_the_calling_thread_alone(tmp_path, monkeypatch):
+    """MPEG-2's decoder is slice-threaded: under PyAV's default FFmpeg would start a pool for it."""
+    import ibkit.data.video as video
+
+    path = tmp_path / "clip.mkv"
+    levels = write_video(path, 8, codec="mpeg2video")
+    during: list[int] = []
+    in_clip = video._in_clip  # called for every decoded frame, while the decoder is open
+
+    def counting(*args):
+        during.append(_threads())
+        return in_clip(*args)
+
+    monkeypatch.setattr(video, "_in_clip", counting)
+    before = _threads()
+    frames = load_video_frames(path, 4)
+    means = [float(np.asarray(frame, dtype=np.float32).mean()) for frame in frames]
+    assert means == pytest.approx([levels[i] for i in (0, 2, 4, 6)], abs=6.0)
+    assert during and max(during) == before
 
 
 # ------------------------------------------------------------------------------------------ collation

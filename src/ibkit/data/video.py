@@ -28,6 +28,13 @@ def uniform_frame_indices(total_frames: int, num_frames: int) -> list[int]:
 
 
 def _open(path: Path):
+    """The container, its first video stream set to decode on the calling thread alone.
+
+    PyAV's default (``thread_count=0``) gives every open decoder of a slice-threaded codec (H.264,
+    MPEG-2, ...) FFmpeg's own pool of one thread per core. In a DataLoader, the worker processes are
+    already the parallelism: the pools only oversubscribe the CPU, and they have been seen to deadlock
+    beside PyTorch (PyAV issue 1962, vLLM issue 53973).
+    """
     import av  # optional dependency (the "video" extra); imported only when a video is read
 
     try:
@@ -37,6 +44,9 @@ def _open(path: Path):
     if not container.streams.video:
         container.close()
         raise BadInputError("unreadable_video", path, "the file has no video stream")
+    decoder = container.streams.video[0].codec_context
+    if decoder is not None:  # None when FFmpeg has no decoder for the stream: decoding reports that
+        decoder.thread_count = 1
     return container
 
 
