@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -213,6 +214,33 @@ def test_a_video_decodes_on_the_calling_thread_alone(tmp_path, monkeypatch):
     means = [float(np.asarray(frame, dtype=np.float32).mean()) for frame in frames]
     assert means == pytest.approx([levels[i] for i in (0, 2, 4, 6)], abs=6.0)
     assert during and max(during) == before
+
+
+class _ClipMeans(torch.utils.data.Dataset):
+    """One clip; its item is the mean level of each of its 4 decoded frames."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([np.asarray(frame, dtype=np.float32).mean() for frame in load_video_frames(self.path, 4)])
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="DataLoader workers by fork")
+def test_a_dataloader_worker_decodes_after_the_main_process_did(tmp_path):
+    """PyAV 18.1.1's default frame conversion hung for ever in a forked worker once the main process had
+    converted a frame (this project's CI); the reader converts on the calling thread."""
+    path = tmp_path / "clip.mp4"
+    levels = write_video(path, 4)
+    load_video_frames(path, 4)  # the main process decodes first (a media check, a preview)
+    loader = torch.utils.data.DataLoader(
+        _ClipMeans(path), batch_size=None, num_workers=1, timeout=60, multiprocessing_context="fork"
+    )
+    (means,) = list(loader)  # a hung worker raises after the timeout instead of hanging the test
+    assert means.tolist() == pytest.approx(levels, abs=6.0)
 
 
 # ------------------------------------------------------------------------------------------ collation

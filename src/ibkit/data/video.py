@@ -17,6 +17,14 @@ from PIL import Image
 
 from ibkit.data.transforms import BadInputError, ImageTransform
 
+# Every FFmpeg step runs on the calling thread: the decoder (``thread_count``) and the conversion of a
+# frame to RGB (``to_image(threads=...)``). PyAV's defaults (0) give each a pool of one thread per core,
+# which in a DataLoader only oversubscribes the CPU: the worker processes are already the parallelism.
+# And since PyAV 18.1.1 the default conversion hangs in a forked worker once the parent process has
+# converted a frame: the worker waits in FFmpeg's avpriv_slicethread_execute with no FFmpeg thread
+# alive (seen in this project's CI; tests/test_transforms_collate.py keeps the case).
+ONE_THREAD = 1
+
 
 def uniform_frame_indices(total_frames: int, num_frames: int) -> list[int]:
     """Indices of ``num_frames`` frames spread evenly over ``total_frames`` (segment starts)."""
@@ -28,13 +36,7 @@ def uniform_frame_indices(total_frames: int, num_frames: int) -> list[int]:
 
 
 def _open(path: Path):
-    """The container, its first video stream set to decode on the calling thread alone.
-
-    PyAV's default (``thread_count=0``) gives every open decoder of a slice-threaded codec (H.264,
-    MPEG-2, ...) FFmpeg's own pool of one thread per core. In a DataLoader, the worker processes are
-    already the parallelism: the pools only oversubscribe the CPU, and they have been seen to deadlock
-    beside PyTorch (PyAV issue 1962, vLLM issue 53973).
-    """
+    """The container, its first video stream set to decode on the calling thread (see :data:`ONE_THREAD`)."""
     import av  # optional dependency (the "video" extra); imported only when a video is read
 
     try:
@@ -46,7 +48,7 @@ def _open(path: Path):
         raise BadInputError("unreadable_video", path, "the file has no video stream")
     decoder = container.streams.video[0].codec_context
     if decoder is not None:  # None when FFmpeg has no decoder for the stream: decoding reports that
-        decoder.thread_count = 1
+        decoder.thread_count = ONE_THREAD
     return container
 
 
@@ -105,7 +107,7 @@ def _decode_at(
             if not _in_clip(time, start, end):
                 continue
             if in_clip in wanted:
-                frames[in_clip] = frame.to_image().convert("RGB")
+                frames[in_clip] = frame.to_image(threads=ONE_THREAD).convert("RGB")
             in_clip += 1
     except av.error.FFmpegError as error:
         raise BadInputError(
