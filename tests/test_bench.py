@@ -54,6 +54,7 @@ def test_report_has_every_section_and_workload(report):
     assert set(report) >= EXPECTED_KEYS
     assert report["size"] == "tiny" and report["device"] == "cpu"
     assert report["matmul_peak_tflops"]["fp32"] > 0 and report["matmul_peak_tflops"]["bf16"] > 0
+    assert report["matmul_size"] == {"fp32": 256, "bf16": 256}  # the tiny size fixes it
     assert {"torch", "transformers", "ibkit", "python"} <= set(report["versions"])
     assert report["machine"]["cpu"] and report["machine"]["torch_threads"] == 1
     rows = report["results"]

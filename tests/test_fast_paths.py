@@ -21,6 +21,7 @@ from ibkit.models.precision import (
     default_policy,
     fast_bf16,
     inference_model,
+    matmul_probe,
     pinned_cpu_bf16,
 )
 from ibkit.models.transformers_io import qformer_config_from_hf
@@ -306,6 +307,42 @@ def test_pinned_cpu_bf16_decides_once_for_every_run_inside_and_restores_the_envi
     with pinned_cpu_bf16({"fp32": 1.0, "bf16": 4.0}) as pinned:
         assert pinned is False
     assert os.environ[CPU_BF16_ENV] == "0"
+
+
+FP32_SECONDS_PER_FLOP = 1 / 100e9  # about what a 2-core AVX2 EPYC reaches in fp32
+
+
+@pytest.mark.parametrize("bf16_cost, fast", [(100.0, False), (0.4, True)])
+def test_the_cpu_probe_keeps_emulated_bf16_small_and_times_fast_bf16_like_fp32(monkeypatch, bf16_cost, fast):
+    """Both sides of the CPU's bf16 forced by a cost model of each matmul (nothing is timed): emulated bf16
+    (AVX2: 100x slower than fp32, measured 53 s for one 2048^2 matmul) is timed at 256 only, and fast bf16
+    at the size fp32 reached, so that both peaks compare like for like."""
+    import ibkit.models.precision as precision
+
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    sizes: dict[torch.dtype, list[int]] = {torch.float32: [], torch.bfloat16: []}
+    modelled = {torch.float32: 0.0, torch.bfloat16: 0.0}
+
+    def modelled_seconds(a, b, device):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        sizes[a.dtype].append(a.shape[0])
+        seconds = 2 * a.shape[0] ** 3 * FP32_SECONDS_PER_FLOP * (bf16_cost if a.dtype == torch.bfloat16 else 1)
+        modelled[a.dtype] += seconds
+        return seconds
+
+    monkeypatch.setattr(precision, "_matmul_seconds", modelled_seconds)
+    assert fast_bf16("cpu", rounds=3) is fast
+    assert max(sizes[torch.float32]) == 1024  # 2048 would take 0.17 s a matmul
+    assert max(sizes[torch.bfloat16]) == (256 if not fast else 1024)
+    assert modelled[torch.bfloat16] < 3.0  # three rounds; a fixed 2048 would be 21 matmuls of 17 s each here
+    peak, size = matmul_probe(torch.bfloat16, "cpu", size=512, repeats=1)  # a given size is kept
+    assert size == 512 and peak == pytest.approx(1e-12 / (FP32_SECONDS_PER_FLOP * bf16_cost))
+
+
+def test_the_cpu_probe_times_real_matmuls_within_its_sizes():
+    for dtype in (torch.float32, torch.bfloat16):
+        peak, size = matmul_probe(dtype, "cpu", max_size=512, repeats=1)
+        assert peak > 0 and size in (256, 512)
 
 
 def test_inference_copy_shares_frozen_weights_and_stores_the_bridge_in_bf16(model):

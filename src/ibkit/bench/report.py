@@ -17,6 +17,13 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _side(report: dict[str, Any], dtype: str) -> str:
+    """"2048^2": the matmul size timed for ``dtype`` (one size for both in reports written before the CPU probe
+    sized each)."""
+    size = report["matmul_size"]
+    return f"{size[dtype] if isinstance(size, dict) else size}^2"
+
+
 def markdown(report: dict[str, Any]) -> str:
     m, v = report["machine"], report["versions"]
     peaks = report["matmul_peak_tflops"]
@@ -30,8 +37,8 @@ def markdown(report: dict[str, Any]) -> str:
         + (f"; load average {m.get('load_average_start')} at start, {m.get('load_average_end')} at end"
            if "load_average_start" in m else ""),
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-        f"- measured matmul peak ({report['matmul_size']}^2): fp32 {peaks['fp32']:.3f} TFLOP/s, "
-        f"bf16 {peaks['bf16']:.3f} TFLOP/s (bf16 {'is' if report['fast_bf16'] else 'is not'} fast here"
+        f"- measured matmul peak: fp32 {peaks['fp32']:.3f} TFLOP/s ({_side(report, 'fp32')}), "
+        f"bf16 {peaks['bf16']:.3f} TFLOP/s ({_side(report, 'bf16')}; bf16 {'is' if report['fast_bf16'] else 'is not'} fast here"
         + (", forced by IBKIT_CPU_BF16)" if report.get("fast_bf16_forced") is not None else ")"),
         f"- ibkit policy: {report['policy']}" + (" + torch.compile" if report.get("compile_ibkit") else ""),
         f"- {report['settings']['warmup']} warm-up run(s), then {report['settings']['repeats']} alternating timed "

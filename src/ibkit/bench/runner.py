@@ -25,7 +25,7 @@ import torch
 from ibkit.bench.measure import PeakMemory, count_flops, machine_info, timed, versions
 from ibkit.bench.sizes import SIZES, BenchSize
 from ibkit.bench.workloads import Bench, Impl
-from ibkit.models.precision import forced_fast_bf16, matmul_peak
+from ibkit.models.precision import forced_fast_bf16, matmul_probe
 
 __all__ = ["Bench", "measure", "ratios", "run_bench", "write_report"]
 
@@ -150,10 +150,9 @@ def run_bench(
     rank_repeats = min(spec.rank_repeats, repeats)
     started = time.perf_counter()
     info = machine_info(dev)
-    peaks = {
-        "fp32": matmul_peak(torch.float32, dev, spec.matmul_size),
-        "bf16": matmul_peak(torch.bfloat16, dev, spec.matmul_size),
-    }
+    probes = {name: matmul_probe(dtype, dev, spec.matmul_size)
+              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peaks = {name: peak for name, (peak, _) in probes.items()}
     phases: dict[str, float] = {}
     mark = time.perf_counter()
     bench = Bench(spec, dev, peaks=peaks, seed=seed, compile_ibkit=compile_ibkit)
@@ -216,7 +215,7 @@ def run_bench(
         "machine": info,
         "versions": versions(),
         "matmul_peak_tflops": peaks,
-        "matmul_size": spec.matmul_size or (8192 if dev.type == "cuda" else 2048),
+        "matmul_size": {name: size for name, (_, size) in probes.items()},  # per precision: a CPU probe sizes each
         "fast_bf16": bool(bench.policy.frozen_dtype),
         "fast_bf16_forced": forced_fast_bf16(dev),  # None: decided from the measured peaks
         "policy": bench.policy.as_dict(),

@@ -21,7 +21,8 @@ The policy (what ``ibkit bench`` measures as "ibkit"):
   model does: the frozen weights are shared, not copied, so inference memory is the all-bf16 model's;
 * hardware without fast bf16 keeps everything in fp32: the policy never slows a machine down.
 
-"Fast bf16" is measured, not assumed: :func:`matmul_peak` times square matmuls in both precisions. On
+"Fast bf16" is measured, not assumed: :func:`matmul_probe` times square matmuls in both precisions (on a CPU
+sized so that emulated bf16 costs a fraction of a second, not minutes). On
 CPU the environment variable ``IBKIT_CPU_BF16`` (``1`` or ``0``) forces the decision instead, so that
 tests and CI run either policy on any machine (:func:`forced_fast_bf16`).
 """
@@ -48,6 +49,9 @@ NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
 FAST_BF16_FACTOR = 1.5
 # "1" / "0" force the CPU's fast-bf16 decision (unset or empty: measure it)
 CPU_BF16_ENV = "IBKIT_CPU_BF16"
+# the CPU probe's smallest and largest matmul side, and the most one of its matmuls should take
+CPU_PROBE_SIZES = (256, 2048)
+PROBE_SECONDS = 0.1
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -55,24 +59,55 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def _matmul_seconds(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> float:
+    """Seconds of one ``a @ b`` (every matmul of the probe goes through here: tests replace it)."""
+    synchronize(device)
+    start = time.perf_counter()
+    a @ b
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def matmul_probe(
+    dtype: torch.dtype, device: torch.device | str = "cpu", size: int | None = None, repeats: int = 5,
+    max_size: int | None = None,
+) -> tuple[float, int]:
+    """(best achieved TFLOP/s, the size timed) of a square matmul in ``dtype``: the machine's practical peak.
+
+    ``size`` fixes the matrices' side. Without it a GPU times 8192; a CPU starts at
+    :data:`CPU_PROBE_SIZES`' first and doubles while the next size's matmul would take under
+    :data:`PROBE_SECONDS` (up to ``max_size`` and the last of them): where bf16 is emulated (an AVX2-only
+    CPU) one 2048^2 bf16 matmul takes the better part of a minute (53 s on a 2-core AMD EPYC, 0.16 s in
+    fp32), so a fixed 2048 made the probe alone cost minutes, while 256 already tells it apart (27 ms).
+    """
+    device = torch.device(device)
+    if size is None and device.type == "cuda":
+        size = 8192
+    if size is None:
+        smallest, largest = CPU_PROBE_SIZES
+        size, largest = smallest, min(largest, max_size or largest)
+        while size < largest:
+            a, b = _operands(size, dtype, device)
+            _matmul_seconds(a, b, device)  # the first call at a size pays allocation and kernel choice
+            if 8 * _matmul_seconds(a, b, device) > PROBE_SECONDS:  # doubling the side costs 8x
+                break
+            size *= 2
+    a, b = _operands(size, dtype, device)
+    for _ in range(2):
+        _matmul_seconds(a, b, device)
+    best = min(_matmul_seconds(a, b, device) for _ in range(repeats))
+    return 2 * size**3 / best / 1e12, size
+
+
+def _operands(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(size, size, device=device).to(dtype), torch.randn(size, size, device=device).to(dtype)
+
+
 def matmul_peak(
     dtype: torch.dtype, device: torch.device | str = "cpu", size: int | None = None, repeats: int = 5
 ) -> float:
-    """Best achieved TFLOP/s of a square ``size`` x ``size`` matmul in ``dtype`` (the machine's practical peak)."""
-    device = torch.device(device)
-    size = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e12
+    """Best achieved TFLOP/s of a square matmul in ``dtype`` (:func:`matmul_probe`'s sizes)."""
+    return matmul_probe(dtype, device, size, repeats)[0]
 
 
 @dataclass
@@ -146,8 +181,10 @@ def fast_bf16(device: torch.device | str, peaks: dict[str, float] | None = None,
     if peaks is None:
         peaks = {"fp32": 0.0, "bf16": 0.0}
         for _ in range(rounds):
-            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-                peaks[name] = max(peaks[name], matmul_peak(dtype, device))
+            # bf16 no larger than fp32's size: where it is fast, both are then timed at the same size
+            fp32, size = matmul_probe(torch.float32, device)
+            peaks["fp32"] = max(peaks["fp32"], fp32)
+            peaks["bf16"] = max(peaks["bf16"], matmul_probe(torch.bfloat16, device, max_size=size)[0])
     return peaks["bf16"] >= FAST_BF16_FACTOR * peaks["fp32"]
 
 
