@@ -299,7 +299,7 @@ def test_pinned_cpu_bf16_decides_once_for_every_run_inside_and_restores_the_envi
         def no_timing(*args, **kwargs):
             raise AssertionError("the pinned decision must not time matmuls again")
 
-        monkeypatch.setattr(precision, "matmul_peak", no_timing)
+        monkeypatch.setattr(precision, "_matmul_seconds", no_timing)
         policy = default_policy("cpu")  # a later step of the pipeline
         assert (policy.autocast_dtype == "bf16") is decision and fast_bf16("cpu") is decision
     assert CPU_BF16_ENV not in os.environ  # unset again: the next process measures afresh

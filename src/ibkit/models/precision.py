@@ -103,13 +103,6 @@ def _operands(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torc
     return torch.randn(size, size, device=device).to(dtype), torch.randn(size, size, device=device).to(dtype)
 
 
-def matmul_peak(
-    dtype: torch.dtype, device: torch.device | str = "cpu", size: int | None = None, repeats: int = 5
-) -> float:
-    """Best achieved TFLOP/s of a square matmul in ``dtype`` (:func:`matmul_probe`'s sizes)."""
-    return matmul_probe(dtype, device, size, repeats)[0]
-
-
 @dataclass
 class PrecisionPolicy:
     """Which precision and kernels each part of InstructBLIP runs with (``None``: fp32 / unchanged).
